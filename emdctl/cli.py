@@ -1,0 +1,385 @@
+"""The `emdctl` command line. It parses arguments and calls the library; it holds no logic.
+
+User mistakes (emdctl.errors.UserError) print one line, `error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import TrainingStopped, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="EM Distillation: distill a many-step diffusion model into a one-step generator.",
+)
+recipe_app = typer.Typer(no_args_is_help=True, help="Check and inspect recipes.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Teachers: convert official checkpoints, train, sample.")
+evaluate_app = typer.Typer(no_args_is_help=True, help="FID/KID/IS/precision-recall (torch-fidelity) and mode metrics.")
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(evaluate_app, name="evaluate")
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def handles_errors(fn):
+    """Turn user errors into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            for line in e.message.splitlines():
+                err.print(f"error: {line}", markup=False)
+            raise typer.Exit(e.exit_code) from None
+        except TrainingStopped as e:
+            err.print(e.message, markup=False)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML file; omitted: the embedded default recipe.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a field, e.g. --set optim.lr_gen=2e-6 (repeatable; validated like the file)."),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# distill
+
+
+@app.command()
+@handles_errors
+def distill(
+    recipe: RecipeArg = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: RUNS_ROOT/<recipe name>).")] = None,
+    runs_root: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue an existing run even though its recipe differs.")] = False,
+    force: Annotated[bool, typer.Option(help="Move an existing run with another recipe aside and start over.")] = False,
+):
+    """Distill a teacher into a one-step generator (EMD or Diff-Instruct).
+
+    Re-running the same command resumes from the last checkpoint. The run directory receives the
+    resolved recipe, metrics.jsonl, checkpoints, PNG previews and, at the end, generator/.
+    """
+    from .recipe import load_recipe
+    from .trainer import run_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    if r.kind != "distill":
+        raise UserError(f"{recipe}: kind is {r.kind!r}; use `emdctl teacher train` for teacher recipes")
+    run_recipe(r, run_dir=run_dir, runs_root=runs_root, resume=resume, force=force, console=err)
+
+
+# --------------------------------------------------------------------------------------------
+# recipe
+
+
+@recipe_app.command("validate")
+@handles_errors
+def recipe_validate(file: Annotated[Path, typer.Argument(help="Recipe YAML file.")], set_: SetOpt = None):
+    """Check a recipe; prints `ok` or one line per problem (exit status 2)."""
+    from .recipe import load_recipe
+
+    r = load_recipe(file, set_ or [])
+    out.print(f"ok: {file} ({r.kind}, name {r.name})")
+
+
+@recipe_app.command("show")
+@handles_errors
+def recipe_show(file: RecipeArg = None, set_: SetOpt = None):
+    """Print the fully resolved recipe, every default filled in (as YAML)."""
+    from .recipe import dump_recipe, load_recipe
+
+    out.print(dump_recipe(load_recipe(file, set_ or [])), end="", markup=False)
+
+
+# --------------------------------------------------------------------------------------------
+# teacher
+
+
+@teacher_app.command("convert")
+@handles_errors
+def teacher_convert(
+    source: Annotated[str, typer.Argument(help="An EDM network pickle (edm-*.pkl), its URL, or an official name.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output model directory (model.safetensors + config.json).")],
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the pickle.")] = None,
+):
+    """Convert an official NVlabs/edm pickle to safetensors + JSON, without executing its code."""
+    from .teachers.convert import convert_edm_pickle
+
+    path = convert_edm_pickle(source, out_dir, sha256)
+    out.print(f"wrote {path}")
+
+
+@teacher_app.command("train")
+@handles_errors
+def teacher_train(
+    recipe: Annotated[Path, typer.Argument(help="A teacher-train recipe (kind: teacher-train).")],
+    set_: SetOpt = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: RUNS_ROOT/<recipe name>).")] = None,
+    runs_root: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue an existing run even though its recipe differs.")] = False,
+    force: Annotated[bool, typer.Option(help="Move an existing run with another recipe aside and start over.")] = False,
+):
+    """Train an EDM-style teacher on a dataset (EDM loss, log-normal sigma, EMA, auto-resume)."""
+    from .recipe import load_recipe
+    from .trainer import run_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    if r.kind != "teacher-train":
+        raise UserError(f"{recipe}: kind is {r.kind!r}; use `emdctl distill` for distillation recipes")
+    run_recipe(r, run_dir=run_dir, runs_root=runs_root, resume=resume, force=force, console=err)
+
+
+# --------------------------------------------------------------------------------------------
+# sample
+
+
+def _seeds(seeds: str | None, n: int | None) -> list[int]:
+    from .rng import parse_seeds
+
+    if seeds is not None:
+        try:
+            out = parse_seeds(seeds)
+        except ValueError as e:
+            raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-49999 or 0,1,2)") from None
+        if n is not None and n != len(out):
+            raise UserError(f"--n {n} disagrees with --seeds {seeds!r} ({len(out)} seeds); give one of them")
+        return out
+    if n is None or n <= 0:
+        raise UserError("give --n (number of images, seeds 0..n-1) or --seeds")
+    return list(range(n))
+
+
+@app.command()
+@handles_errors
+def sample(
+    source: Annotated[Path | None, typer.Argument(help="A run directory or an exported generator directory.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("samples"),
+    n: Annotated[int | None, typer.Option("--n", help="Number of images (seeds 0..n-1).")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0-49999 or 0,5,7 (one image per seed).")] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass (does not change the pixels).")] = 256,
+    steps: Annotated[int, typer.Option(help="Sampling steps: 1 for a one-step generator; teacher: solver steps.")] = 1,
+    fmt: Annotated[str, typer.Option("--format", help="png (sub-folders of 1000), npz ([N,H,W,C] uint8) or both.")] = "png",
+    class_label: Annotated[int | None, typer.Option("--class", help="Fixed class label (default: random per seed).")] = None,
+    ema: Annotated[bool, typer.Option(help="Use the EMA weights of a run.")] = True,
+    teacher: Annotated[Path | None, typer.Option(help="Sample the teacher named by this distillation recipe instead.")] = None,
+    sampler: Annotated[str, typer.Option(help="Teacher sampler: auto, heun, euler or ddpm.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Generate images, each a pure function of its seed; re-running resumes finished shards.
+
+    Examples: emdctl sample runs/cifar10 --n 50000 --format npz;
+    emdctl sample --teacher recipes/mnist.yaml --steps 1000 --n 64 --out teacher-samples
+    """
+    from .sampling import sample_command
+
+    if sampler not in ("auto", "heun", "euler", "ddpm"):
+        raise UserError(f"--sampler {sampler!r}: allowed values are auto, heun, euler, ddpm")
+    if steps < 1:
+        raise UserError("--steps must be at least 1")
+    summary = sample_command(source, teacher, _seeds(seeds, n), out_dir, batch, steps, fmt, class_label, ema,
+                             sampler, device)
+    rate = summary.get("images_per_s")
+    out.print(f"{summary['images']} images in {out_dir}" + (f" ({rate:.1f} img/s)" if rate else " (all shards were done)"))
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+@app.command()
+@handles_errors
+def export(
+    source: Annotated[Path, typer.Argument(help="A run directory (or an exported generator directory).")],
+    fmt: Annotated[str, typer.Option("--format", help="safetensors, onnx or torchscript.")] = "safetensors",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory (default: SOURCE/export-FORMAT).")] = None,
+    ema: Annotated[bool, typer.Option(help="Export the EMA weights (default) or the raw generator.")] = True,
+):
+    """Export the generator: weights + JSON config (safetensors), or a portable ONNX/TorchScript module."""
+    from .export import export_command
+
+    result = export_command(source, fmt, out_dir or Path(source) / f"export-{fmt}", ema)
+    out.print(f"wrote {result['path']}")
+    if result.get("verified"):
+        v = result["verified"]
+        out.print(f"onnxruntime matches torch: max |diff| {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g})")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+FeaturesOpt = Annotated[str, typer.Option(help="Feature space: inception, or classifier:PATH (offline, emdctl-trained).")]
+WeightsOpt = Annotated[Path | None, typer.Option(help="Inception-v3 weights file (torch-fidelity's or pytorch-fid's).")]
+
+
+def _metric_command(metric: str):
+    def command(
+        source: Annotated[Path, typer.Argument(help="A run/generator directory, image folder, npz, EDM zip or MNIST idx.")],
+        ref: Annotated[Path | None, typer.Option(help="Reference: a dataset or statistics from `evaluate ref`.")] = None,
+        features: FeaturesOpt = "inception",
+        n: Annotated[int, typer.Option("--n", help="Samples per seed range (generators) or images used (datasets).")] = 50000,
+        seeds: Annotated[list[str] | None, typer.Option(help="Seed ranges (repeatable; min and mean reported).")] = None,
+        batch: Annotated[int, typer.Option(help="Batch size.")] = 256,
+        steps: Annotated[int, typer.Option(help="Sampling steps of the generator.")] = 1,
+        ema: Annotated[bool, typer.Option(help="Use a run's EMA weights.")] = True,
+        inception_weights: WeightsOpt = None,
+        device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+        json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    ):
+        from .evaluation.report import evaluate_and_report
+
+        ranges = [_seeds(s, None) for s in seeds] if seeds else None
+        evaluate_and_report([metric], source, ref, features, n, ranges, batch, device, steps, inception_weights, ema,
+                            json_out, out)
+
+    command.__doc__ = {
+        "fid": "Frechet distance (FID in the Inception space) against a reference.",
+        "kid": "Kernel Inception Distance (polynomial-kernel MMD) against a reference.",
+        "isc": "Inception Score of the samples.",
+        "prc": "Precision and recall (k-NN manifolds, k=3) against a reference.",
+        "all": "FID, KID, IS and precision/recall in one pass over the features.",
+    }[metric]
+    return handles_errors(command)
+
+
+for _metric in ("fid", "kid", "isc", "prc", "all"):
+    evaluate_app.command(_metric)(_metric_command(_metric))
+
+
+@evaluate_app.command("ref")
+@handles_errors
+def evaluate_ref(
+    dataset: Annotated[Path, typer.Argument(help="EDM zip, image folder, MNIST idx files or npz.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Output statistics file (.safetensors).")],
+    features: FeaturesOpt = "inception",
+    n: Annotated[int | None, typer.Option("--n", help="Use the first N images (default: all).")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    inception_weights: WeightsOpt = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Compute and cache reference statistics (mu, sigma and features) of a dataset."""
+    from .distributed import resolve_device
+    from .evaluation.fidelity import features_of_dataset, open_feature_space, reference_from_features, save_reference
+
+    if out_file.suffix != ".safetensors":
+        raise UserError(f"--out {out_file}: reference statistics are written as .safetensors")
+    from .data import open_dataset
+
+    fs = open_feature_space(features, inception_weights, resolve_device(device))
+    ds = open_dataset(dataset, use_labels=False)
+    used = min(len(ds), n or len(ds))
+    ref = reference_from_features(features_of_dataset(fs, ds, batch, n, "reference"), fs,
+                                  {"dataset": str(dataset), "images": used})
+    save_reference(ref, out_file)
+    out.print(f"wrote {out_file} ({used:,} images, {fs.label})")
+
+
+@evaluate_app.command("train-features")
+@handles_errors
+def evaluate_train_features(
+    data: Annotated[Path, typer.Option(help="A labelled dataset: MNIST idx directory, EDM zip with labels, ...")],
+    out_file: Annotated[Path, typer.Option("--out", help="Output feature file (.safetensors).")],
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 2e-3,
+    max_images: Annotated[int | None, typer.Option(help="Use at most this many images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Train the offline classifier feature space (registered with torch-fidelity as emdctl-classifier)."""
+    from .distributed import resolve_device
+    from .evaluation.classifier import train_feature_net
+
+    if epochs < 1 or batch < 1 or lr <= 0:
+        raise UserError("--epochs and --batch must be positive and --lr above zero")
+    info = train_feature_net(data, out_file, epochs, batch, lr, seed, str(resolve_device(device)), max_images,
+                             log=lambda m: out.print(m))
+    out.print(f"wrote {info['path']} (held-out accuracy {info['held_out_accuracy']:.4f}); distances in this space "
+              "compare models with each other, not with published FID")
+
+
+@evaluate_app.command("modes")
+@handles_errors
+def evaluate_modes(
+    sources: Annotated[list[Path], typer.Argument(help="Run or generator directories of a mixture distillation.")],
+    n: Annotated[int, typer.Option("--n", help="Samples per generator.")] = 20000,
+    seeds: Annotated[str | None, typer.Option(help="Seeds (default 0..n-1).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a scatter plot per source here (PNG, one per source).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+):
+    """Per-mode mass, its total variation to the true weights, mode recall and sliced Wasserstein (mixtures)."""
+    from .evaluation.report import modes_and_report
+
+    modes_and_report(sources, _seeds(seeds, n), plot, json_out, out)
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+
+
+@app.command()
+@handles_errors
+def bench(
+    net: Annotated[str, typer.Option(help="ddpmpp (CIFAR-10, 55.7M), adm (ImageNet-64, 295.9M), ncsnpp, tiny or mlp.")] = "tiny",
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    k: Annotated[int, typer.Option("--k", help="Langevin steps K of the EMD iteration.")] = 8,
+    dtype: Annotated[str, typer.Option(help="Configured precision: fp32, bf16 or fp16 (autocast).")] = "bf16",
+    compile: Annotated[bool, typer.Option(help="torch.compile the configured variant (GPU only).")] = True,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory layout for the configured variant.")] = True,
+    fused: Annotated[bool, typer.Option(help="Fused Triton Langevin update in the configured variant (GPU).")] = True,
+    iters: Annotated[int, typer.Option(help="Timed calls per measurement.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up calls (compilation happens here).")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+):
+    """Throughput of forward, forward+backward, an EMD-K iteration, its Langevin loop and one-step
+    sampling, each as a ratio to the eager fp32 baseline measured in the same run."""
+    from rich.table import Table
+
+    from .bench import run_bench
+    from .storage import atomic_write_json
+
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--dtype {dtype!r}: allowed values are fp32, bf16, fp16")
+    res = run_bench(net, batch, k, device, dtype, compile, channels_last, fused, iters, warmup)
+    info = res["info"]
+    table = Table(title=f"{info['net']} ({info['parameters'] / 1e6:.1f}M params), batch {info['batch']}, "
+                        f"{info['device_name']}, torch {info['torch']}")
+    for col in ("measurement", f"baseline: {info['baseline']}", f"configured: {info['configured']}", "ratio",
+                "peak GB (base / conf)"):
+        table.add_column(col, justify="left" if col == "measurement" else "right")
+    for name, row in res["results"].items():
+        peak = (f"{row['baseline_peak_gb']:.2f} / {row['configured_peak_gb']:.2f}"
+                if row["baseline_peak_gb"] is not None else "-")
+        table.add_row(name, f"{row['baseline']:.2f} {row['unit']}", f"{row['configured']:.2f} {row['unit']}",
+                      f"{row['ratio']:.2f}x", peak)
+    out.print(table)
+    if json_out:
+        atomic_write_json(json_out, res)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,272 @@
+"""`emdctl evaluate fid|kid|isc|prc|all`: sample-quality metrics through torch-fidelity.
+
+Feature spaces are torch-fidelity feature extractors: 'inception' (Inception-v3, the published-FID
+network; emdctl.evaluation.inception) or 'classifier:PATH' (an emdctl-trained classifier that works
+offline; emdctl.evaluation.classifier). Metrics are torch-fidelity's own functions applied to the
+extracted features, so the numbers are torch-fidelity's.
+
+Inputs: a folder of images, an npz, an EDM dataset zip, MNIST idx files, or a generator (a run or
+model directory), whose images are made per seed in memory and never written. References: any
+dataset, or reference statistics cached by `emdctl evaluate ref`. EDM's protocol: several seed
+ranges (e.g. --seeds 0-49999 --seeds 50000-99999 --seeds 100000-149999), reported as min and mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_fidelity.generative_model_base import GenerativeModelBase
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor
+from tqdm import tqdm
+
+from ..data import ImagesOnly, detect_format, open_dataset
+from ..errors import UserError
+from ..hub import cache_dir
+from ..rng import PerSeedRandom
+from ..storage import atomic_save_safetensors, read_safetensors, read_safetensors_metadata, sha256_file
+from . import classifier, inception
+
+METRICS = ("fid", "kid", "isc", "prc")
+
+
+@dataclass
+class FeatureSpace:
+    extractor: torch.nn.Module
+    name: str  # torch-fidelity registry name
+    distance_layer: str
+    logits_layer: str
+    ident: str  # identifies the exact weights (for reference caches)
+    label: str  # what every output calls the FD in this space
+    comparable: bool  # comparable to published FID numbers?
+    device: torch.device = torch.device("cpu")
+
+    def extract(self, x_uint8: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            feats = self.extractor(x_uint8.to(self.device))
+        return {k: v.detach().cpu() for k, v in self.extractor.convert_features_tuple_to_dict(feats).items()}
+
+
+def open_feature_space(spec: str, inception_weights: Path | None = None, device="cpu") -> FeatureSpace:
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if spec == "inception":
+        inception.register()
+        path = inception.resolve_weights(inception_weights)
+        fx = create_feature_extractor(inception.NAME, ["2048", "logits_unbiased"], cuda=cuda,
+                                      feature_extractor_weights_path=str(path), verbose=False)
+        return FeatureSpace(fx, inception.NAME, "2048", "logits_unbiased", f"inception-{sha256_file(path)[:12]}",
+                            "FID (Inception-v3)", True, device)
+    if spec.startswith("classifier:"):
+        path = Path(spec.split(":", 1)[1])
+        if not path.is_file():
+            raise UserError(f"{path}: no such feature file (make one with `emdctl evaluate train-features`)")
+        classifier.register()
+        fx = create_feature_extractor(classifier.NAME, ["features", "logits"], cuda=cuda,
+                                      feature_extractor_weights_path=str(path), verbose=False)
+        data = Path(fx.meta.get("dataset", "?")).name
+        label = f"FD_classifier (emdctl classifier features trained on {data}; not comparable to published FID)"
+        return FeatureSpace(fx, classifier.NAME, "features", "logits", f"classifier-{sha256_file(path)[:12]}",
+                            label, False, device)
+    raise UserError(f"--features {spec!r}: expected 'inception' or 'classifier:PATH'")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+class FidelityGenerator(GenerativeModelBase):
+    """A generator in torch-fidelity's generative-model interface: z [B, z_size] (+ labels [B]) ->
+    uint8 [B, C, H, W]. emdctl feeds it per-seed latents; it can also be handed to
+    torch_fidelity.calculate_metrics directly (unconditional models)."""
+
+    def __init__(self, gen):
+        super().__init__()
+        from ..export import PortableGenerator
+
+        self.portable = PortableGenerator(gen, is_image=True).eval()
+        self.gen = gen
+
+    @property
+    def z_size(self):
+        return math.prod(self.gen.img_shape)
+
+    @property
+    def z_type(self):
+        return "normal"
+
+    @property
+    def num_classes(self):
+        return self.gen.label_dim
+
+    def forward(self, z, labels=None):
+        return self.portable(z, labels)
+
+
+def features_of_dataset(fs: FeatureSpace, ds, batch: int, n: int | None = None, desc="features") -> dict:
+    total = len(ds) if n is None else min(n, len(ds))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImagesOnly(ds), range(total)), batch_size=batch,
+                                         num_workers=2 if total > 4 * batch else 0)
+    parts: dict[str, list] = {}
+    for x in tqdm(loader, desc=desc, unit="img", unit_scale=batch, leave=False):
+        for k, v in fs.extract(x).items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def features_of_generator(fs: FeatureSpace, gen, seeds: list[int], batch: int, device, steps: int = 1) -> dict:
+    fgen = FidelityGenerator(gen).to(device)
+    parts: dict[str, list] = {}
+    with torch.no_grad():
+        for b in tqdm(range(0, len(seeds), batch), desc="generating+features", unit="batch", leave=False):
+            part = seeds[b: b + batch]
+            rng = PerSeedRandom(part, device)
+            z = rng.randn(gen.img_shape)
+            labels = rng.randint(gen.label_dim) if gen.label_dim else None
+            if steps > 1:
+                y = torch.nn.functional.one_hot(labels, gen.label_dim).float() if labels is not None else None
+                x = (gen.sample(z, y, steps=steps, rng=rng) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+            else:
+                x = fgen(z.flatten(1), labels)
+            for k, v in fs.extract(x).items():
+                parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# References
+
+
+@dataclass
+class Reference:
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: torch.Tensor | None  # distance-layer features, for KID and precision/recall
+    meta: dict = field(default_factory=dict)
+
+
+def reference_from_features(feats: dict, fs: FeatureSpace, meta: dict) -> Reference:
+    stats = fid_features_to_statistics(feats[fs.distance_layer].double())
+    return Reference(stats["mu"], stats["sigma"], feats[fs.distance_layer], {**meta, "features_ident": fs.ident})
+
+
+def save_reference(ref: Reference, path: Path) -> Path:
+    tensors = {"mu": torch.from_numpy(ref.mu), "sigma": torch.from_numpy(ref.sigma)}
+    if ref.features is not None:
+        tensors["features"] = ref.features.float()
+    atomic_save_safetensors(path, tensors, {"emdctl": json.dumps({"kind": "emdctl-reference", **ref.meta})})
+    return Path(path)
+
+
+def load_reference(path: Path, fs: FeatureSpace) -> Reference:
+    meta = json.loads(read_safetensors_metadata(path, "reference statistics").get("emdctl") or "{}")
+    if meta.get("kind") != "emdctl-reference":
+        raise UserError(f"{path}: not an emdctl reference-statistics file (make one with `emdctl evaluate ref`)")
+    if meta.get("features_ident") != fs.ident:
+        raise UserError(f"{path}: computed in feature space {meta.get('features_ident')}, not {fs.ident}; recompute it")
+    t = read_safetensors(path, "reference statistics")
+    return Reference(t["mu"].numpy(), t["sigma"].numpy(), t.get("features"), meta)
+
+
+def reference_cache_path(dataset: Path, fs: FeatureSpace, n: int | None) -> Path:
+    key = sha256_file(dataset)[:12] if Path(dataset).is_file() else Path(dataset).resolve().as_posix().replace("/", "_")[-60:]
+    return cache_dir() / "refs" / f"{Path(dataset).stem}-{key}-{fs.ident}-{n or 'all'}.safetensors"
+
+
+def get_reference(ref: Path, fs: FeatureSpace, batch: int, n: int | None, log=print) -> Reference:
+    ref = Path(ref)
+    if not ref.exists():
+        raise UserError(f"{ref}: no such reference dataset or statistics file")
+    if ref.suffix == ".safetensors":
+        return load_reference(ref, fs)
+    cached = reference_cache_path(ref, fs, n)
+    if cached.exists():
+        return load_reference(cached, fs)
+    ds = open_dataset(ref, use_labels=False)
+    log(f"computing reference statistics of {ref} ({min(len(ds), n or len(ds)):,} images)")
+    r = reference_from_features(features_of_dataset(fs, ds, batch, n, "reference"), fs,
+                                {"dataset": str(ref), "images": min(len(ds), n or len(ds))})
+    save_reference(r, cached)
+    return r
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def compute_metrics(metrics: list[str], feats: dict, ref: Reference | None, fs: FeatureSpace,
+                    kid_subset_size: int = 1000, seed: int = 2020) -> dict:
+    out: dict[str, float] = {}
+    f1 = feats[fs.distance_layer]
+    if "fid" in metrics:
+        stats = fid_features_to_statistics(f1.double())
+        out["fd"] = fid_statistics_to_metric(stats, {"mu": ref.mu, "sigma": ref.sigma}, False)[KEY_METRIC_FID]
+    if ("kid" in metrics or "prc" in metrics) and ref.features is None:
+        raise UserError("KID and precision/recall need reference features; the statistics file holds only mu/sigma")
+    if "kid" in metrics:
+        size = min(kid_subset_size, len(f1), len(ref.features))
+        r = kid_features_to_metric(f1.double(), ref.features.double(), kid_subsets=100, kid_subset_size=size,
+                                   rng_seed=seed, verbose=False)
+        out["kid"], out["kid_std"] = r[KEY_METRIC_KID_MEAN], r[KEY_METRIC_KID_STD]
+    if "prc" in metrics:
+        r = prc_features_to_metric(f1, ref.features.float(), prc_neighborhood=3, prc_batch_size=10000,
+                                   save_cpu_ram=False, verbose=False)
+        out["precision"], out["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
+    if "isc" in metrics:
+        out["is"] = isc_features_to_metric(feats[fs.logits_layer], splits=10, shuffle=True, rng_seed=seed)[KEY_METRIC_ISC_MEAN]
+    return out
+
+
+def _source_kind(source: Path) -> str:
+    if (source / "config.json").is_file() or (source / "checkpoints").is_dir() or (source / "generator").is_dir():
+        return "generator"
+    return "dataset"
+
+
+def evaluate_command(metrics: list[str], source: Path, ref: Path | None, features: str, n: int,
+                     seed_ranges: list[list[int]] | None, batch: int, device: str = "auto", steps: int = 1,
+                     inception_weights: Path | None = None, use_ema: bool = True, log=print) -> dict:
+    from ..distributed import resolve_device
+
+    metrics = list(METRICS) if metrics == ["all"] else metrics
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise UserError(f"unknown metric {bad[0]!r} (allowed: {', '.join(METRICS)}, all)")
+    dev = resolve_device(device)
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"{source}: no such generator, run directory or dataset")
+    needs_ref = any(m != "isc" for m in metrics)
+    if needs_ref and ref is None:
+        raise UserError("--ref is required for fid, kid and prc (a dataset or a statistics file from `evaluate ref`)")
+    fs = open_feature_space(features, inception_weights, dev)
+    reference = get_reference(ref, fs, batch, None, log) if needs_ref else None
+    runs: list[dict] = []
+    if _source_kind(source) == "generator":
+        from ..sampling import open_generator
+
+        gen, _ = open_generator(source, use_ema)
+        gen = gen.to(dev)
+        if len(gen.img_shape) != 3:
+            raise UserError(f"{source}: a vector generator; use `emdctl evaluate modes` for mixture problems")
+        ranges = seed_ranges or [list(range(n))]
+        for seeds in ranges:
+            feats = features_of_generator(fs, gen, seeds, batch, dev, steps)
+            runs.append({"seeds": f"{seeds[0]}-{seeds[-1]}", **compute_metrics(metrics, feats, reference, fs)})
+    else:
+        detect_format(source)
+        ds = open_dataset(source, use_labels=False)
+        feats = features_of_dataset(fs, ds, batch, n, "samples")
+        runs.append({"images": min(len(ds), n), **compute_metrics(metrics, feats, reference, fs)})
+    keys = [k for k in runs[0] if k not in ("seeds", "images")]
+    summary = {k: {"min": min(r[k] for r in runs), "mean": float(np.mean([r[k] for r in runs]))} for k in keys}
+    return {"feature_space": fs.label, "comparable_to_published": fs.comparable, "features_ident": fs.ident,
+            "source": str(source), "reference": str(ref) if ref else None, "runs": runs, "summary": summary}

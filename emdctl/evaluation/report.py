@@ -1,0 +1,106 @@
+"""Printing and recording evaluation results (tables, JSON, the run's metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import UserError
+from ..plots import save_scatter
+from ..runs import RunDir
+from ..storage import atomic_write_json
+from .fidelity import evaluate_command
+from .mixture import mode_metrics
+
+
+def _run_dir_of(source: Path) -> RunDir | None:
+    source = Path(source)
+    if (source / "checkpoints").is_dir():
+        return RunDir(source)
+    if source.name == "generator" and (source.parent / "checkpoints").is_dir():
+        return RunDir(source.parent)
+    return None
+
+
+def _images_seen(run: RunDir) -> int | None:
+    summary = run.root / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text()).get("images")
+    records = run.read_metrics()
+    return max((r.get("images", 0) for r in records), default=None)
+
+
+def record_in_run(source: Path, record: dict) -> None:
+    run = _run_dir_of(source)
+    if run is not None:
+        run.append_metrics({"kind": "evaluation", "images": _images_seen(run) or 0, "time": time.time(), **record})
+
+
+def evaluate_and_report(metrics, source, ref, features, n, seed_ranges, batch, device, steps, inception_weights, ema,
+                        json_out: Path | None, console: Console) -> dict:
+    res = evaluate_command(metrics, source, ref, features, n, seed_ranges, batch, device, steps, inception_weights,
+                           ema, log=lambda m: console.print(m))
+    names = {"fd": "FID" if res["comparable_to_published"] else "FD_classifier", "kid": "KID", "kid_std": "KID std",
+             "precision": "precision", "recall": "recall", "is": "IS" if res["comparable_to_published"] else "IS_classifier"}
+    table = Table(title=f"{source}  vs  {ref or '-'}\n{res['feature_space']}")
+    table.add_column("metric")
+    for r in res["runs"]:
+        table.add_column(f"seeds {r['seeds']}" if "seeds" in r else f"{r['images']} images", justify="right")
+    if len(res["runs"]) > 1:
+        table.add_column("min", justify="right")
+        table.add_column("mean", justify="right")
+    for key, summ in res["summary"].items():
+        row = [names.get(key, key)] + [f"{r[key]:.5g}" for r in res["runs"]]
+        if len(res["runs"]) > 1:
+            row += [f"{summ['min']:.5g}", f"{summ['mean']:.5g}"]
+        table.add_row(*row)
+    console.print(table)
+    record_in_run(source, {"feature_space": res["feature_space"], "features_ident": res["features_ident"],
+                           **{f"eval/{names.get(k, k)}": v["min"] for k, v in res["summary"].items()}})
+    if json_out:
+        atomic_write_json(json_out, res)
+    return res
+
+
+def modes_and_report(sources: list[Path], seeds: list[int], plot: Path | None, json_out: Path | None,
+                     console: Console) -> dict:
+    from ..rng import PerSeedRandom
+    from ..sampling import open_generator
+    from ..teachers.mixture import GaussianMixture
+
+    results = {}
+    for src in sources:
+        gen, cfg = open_generator(src)
+        mix_params = (cfg.get("teacher") or {}).get("mixture")
+        if not mix_params:
+            raise UserError(f"{src}: not distilled from an analytic mixture teacher; mode metrics need one")
+        mixture = GaussianMixture(**mix_params)
+        with torch.no_grad():
+            x = torch.cat([gen(PerSeedRandom(seeds[i: i + 4096]).randn(gen.img_shape))
+                           for i in range(0, len(seeds), 4096)])
+        m = mode_metrics(x, mixture)
+        results[str(src)] = m
+        if plot is not None:
+            plot_path = plot if len(sources) == 1 else plot.with_name(f"{plot.stem}-{len(results)}{plot.suffix}")
+            title = f"{Path(src).name}: TV {m['tv_distance']:.3f}, recall {m['mode_recall']:.2f}"
+            save_scatter(x[:5000], plot_path, reference=mixture.sample(5000, torch.Generator().manual_seed(0)),
+                         means=mixture.means, title=title)
+        record_in_run(src, {f"eval/{k}": v for k, v in m.items() if isinstance(v, int | float)})
+    table = Table(title="mode metrics (exact mixture reference)")
+    table.add_column("metric")
+    for src in results:
+        table.add_column(str(src), justify="right")
+    first = next(iter(results.values()))
+    for key in ("tv_distance", "mode_recall", "modes_covered", "off_mode_fraction", "sliced_wasserstein"):
+        table.add_row(key, *[f"{r[key]:.4g}" for r in results.values()])
+    table.add_row("true weights", *[" ".join(f"{w:.3f}" for w in first["true_weights"])] * len(results))
+    table.add_row("mode mass", *[" ".join(f"{w:.3f}" for w in r["mode_mass"]) for r in results.values()])
+    console.print(table)
+    if json_out:
+        atomic_write_json(json_out, results)
+    return results

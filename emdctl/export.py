@@ -1,0 +1,131 @@
+"""`emdctl export`: the generator as a self-contained, portable artifact.
+
+* safetensors: a model directory (model.safetensors + config.json) that `emdctl sample` loads
+  without the recipe or the teacher;
+* onnx / torchscript: a module z -> image with z flattened to [B, z_size] (and integer class
+  labels [B] for conditional models), returning uint8 NCHW images (vectors stay float32): the
+  interface of torch-fidelity's generative-model inputs. ONNX files are checked against torch with
+  onnxruntime when it is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .generator import OneStepGenerator
+from .sampling import open_generator
+from .storage import atomic_path, atomic_write_json
+
+FORMATS = ("safetensors", "onnx", "torchscript")
+
+
+class PortableGenerator(nn.Module):
+    """z [B, z_size] (+ labels [B]) -> uint8 images [B, C, H, W] (or float vectors)."""
+
+    def __init__(self, gen: OneStepGenerator, is_image: bool):
+        super().__init__()
+        self.gen = gen
+        self.is_image = is_image
+        self.z_shape = tuple(gen.img_shape)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        z = z.reshape(z.shape[0], *self.z_shape)
+        y = None
+        if self.gen.label_dim:
+            y = torch.nn.functional.one_hot(labels.long(), self.gen.label_dim).to(z.dtype)
+        x = self.gen(z, y)
+        if not self.is_image:
+            return x
+        return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def _example_inputs(gen: OneStepGenerator, batch: int = 2):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, math.prod(gen.img_shape), generator=g)
+    labels = torch.randint(gen.label_dim, (batch,), generator=g) if gen.label_dim else None
+    return z, labels
+
+
+def export_onnx(portable: PortableGenerator, gen: OneStepGenerator, path: Path) -> None:
+    z, labels = _example_inputs(gen)
+    args = (z, labels) if labels is not None else (z,)
+    names = ["z", "labels"] if labels is not None else ["z"]
+    dyn = {"z": {0: "batch"}, **({"labels": {0: "batch"}} if labels is not None else {})}
+    try:
+        with atomic_path(path) as tmp:
+            torch.onnx.export(portable, args, str(tmp), input_names=names, output_names=["images"],
+                              dynamic_axes=dyn, dynamo=False, opset_version=17)
+    except ImportError as e:
+        raise UserError(f"ONNX export needs the onnx package ({e}); pip install 'emdctl[onnx]'") from None
+
+
+def verify_onnx(portable: PortableGenerator, gen: OneStepGenerator, path: Path, batch: int = 3) -> dict | None:
+    """Compare onnxruntime's outputs with torch's on fresh inputs; None if onnxruntime is absent."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    z, labels = _example_inputs(gen, batch)
+    sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"z": z.numpy()}
+    if labels is not None:
+        feeds["labels"] = labels.numpy()
+    got = torch.from_numpy(sess.run(None, feeds)[0])
+    with torch.no_grad():
+        want = portable(z, labels)
+    diff = (got.float() - want.float()).abs()
+    tol = 1.0 if want.dtype == torch.uint8 else 1e-4 * (1 + float(want.abs().max()))
+    report = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "tolerance": tol}
+    if report["max_abs_diff"] > tol:
+        raise UserError(f"{path}: ONNX outputs differ from torch by {report['max_abs_diff']} (> {tol})")
+    return report
+
+
+def export_command(source: Path, fmt: str, out: Path, use_ema: bool = True) -> dict:
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    gen, cfg = open_generator(source, use_ema)
+    gen = gen.cpu().eval()
+    data = cfg.get("data", {})
+    is_image = data.get("kind", "image" if len(gen.img_shape) == 3 else "vector") == "image"
+    out = Path(out)
+    info = {
+        "format": "emdctl-export",
+        "kind": "generator",
+        "source": str(source),
+        "ema": use_ema,
+        "z_size": math.prod(gen.img_shape),
+        "z_shape": list(gen.img_shape),
+        "z_type": "normal",
+        "num_classes": gen.label_dim,
+        "resolution": gen.img_shape[-1] if is_image else None,
+        "channels": gen.img_shape[0] if is_image else None,
+        "sigma_star": gen.sigma_star,
+        "data": data,
+        "output": "uint8 NCHW in [0, 255]" if is_image else "float32 [B, D]",
+    }
+    if fmt == "safetensors":
+        gen.save_pretrained(out, data, {"exported_from": str(source), "ema": use_ema})
+        return {"path": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    portable = PortableGenerator(gen, is_image).eval()
+    if fmt == "onnx":
+        path = out / "generator.onnx"
+        export_onnx(portable, gen, path)
+        info["file"] = path.name
+        info["verified"] = verify_onnx(portable, gen, path)
+    else:
+        path = out / "generator.pth"  # torch-fidelity loads .pth files as TorchScript
+        z, labels = _example_inputs(gen)
+        with torch.no_grad():
+            traced = torch.jit.trace(portable, (z, labels) if labels is not None else (z,), check_trace=False)
+        with atomic_path(path) as tmp:
+            traced.save(str(tmp))
+        info["file"] = path.name
+    atomic_write_json(out / "config.json", info)
+    return {"path": str(path), **({"verified": info.get("verified")} if fmt == "onnx" else {})}

@@ -1,0 +1,203 @@
+"""Shared machinery of the data-free distillation methods (EMD, Diff-Instruct).
+
+Networks: the frozen teacher, the generator g (initialized from the teacher at sigma*), its EMA,
+and the fake score (initialized from the teacher, trained every iteration by denoising score
+matching on fresh, detached generator samples). A method only says which direction d the
+generator should move its samples in; the M-step is always the regression
+    L = 1/2 w(sigma) || g(z) - sg(g(z) + d) ||^2,   grad = -w J_theta^T d.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import diffusion
+from ..generator import OneStepGenerator, build_generator
+from ..networks import build_denoiser
+from ..precision import apply_policy
+from ..rng import IterationDraws, PerSeedRandom
+from ..storage import load_state_strict
+from ..teachers import Teacher
+from .base import Method, make_adam, no_sync, stats_of, wrap_ddp
+
+
+def one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor | None:
+    return torch.nn.functional.one_hot(indices, label_dim).float() if label_dim else None
+
+
+class DistillationMethod(Method):
+    def __init__(self, recipe, teacher: Teacher, dist):
+        super().__init__(recipe, dist)
+        self.teacher_info = teacher
+        self.teacher = teacher.denoiser.to(self.device).eval().requires_grad_(False)
+        self.img_shape = tuple(teacher.img_shape)
+        self.label_dim = teacher.label_dim
+        prec = recipe.precision
+        gen = build_generator(teacher.student_config, recipe.generator.sigma_star, recipe.generator.arch_overrides)
+        fake_cfg = dict(teacher.student_config)
+        if recipe.fake_score.arch_overrides:
+            fake_cfg["arch_kwargs"] = {**fake_cfg.get("arch_kwargs", {}), **recipe.fake_score.arch_overrides}
+        fake = build_denoiser(fake_cfg)
+        for m in (self.teacher, gen, fake):
+            apply_policy(m, prec.dtype, prec.channels_last, prec.checkpointing)
+        self.generator: OneStepGenerator = gen.to(self.device).train()
+        self.generator_ema: OneStepGenerator = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        self.fake = fake.to(self.device).train()
+        self.generator_ddp = wrap_ddp(self.generator, dist)
+        self.fake_ddp = wrap_ddp(self.fake, dist)
+        o = recipe.optim
+        self.opt_gen = make_adam(self.generator.parameters(), o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device)
+        self.opt_fake = make_adam(self.fake.parameters(), o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device)
+        # The networks' hot paths; compiled on CUDA when the recipe asks (precision.compile).
+        self.teacher_fn = self._maybe_compile(self.teacher)
+        self.fake_fn = self._maybe_compile(self.fake)
+        self.gen_fn = self._maybe_compile(self.generator)
+
+    def _maybe_compile(self, module):
+        if self.recipe.precision.compile and self.device.type == "cuda":
+            return torch.compile(module)
+        return module
+
+    # -- trainer interface -------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}
+
+    def optimizers(self):
+        return {"generator": self.opt_gen, "fake": self.opt_fake}
+
+    def ema_pairs(self):
+        return [(self.generator_ema, self.generator)]
+
+    def configs(self) -> dict:
+        return {
+            "generator": self.generator.config(self.data_info()),
+            "fake": self.fake.config(),
+            "teacher": self.teacher_info.describe(),
+        }
+
+    def initialize(self) -> None:
+        weights = self.teacher_info.init_weights()
+        for target in (self.generator.denoiser, self.generator_ema.denoiser, self.fake):
+            load_state_strict(target, weights, f"teacher weights ({self.teacher_info.source})")
+
+    def data_info(self) -> dict:
+        if len(self.img_shape) == 3:
+            return {"kind": "image", "range": [-1.0, 1.0]}
+        return {"kind": "vector"}
+
+    def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
+        draws = self.draws(iteration)
+        stats: dict[str, torch.Tensor] = {}
+        for j in range(self.recipe.fake_score.steps_per_iteration):
+            stats.update(self.fake_update(draws, j))
+        stats.update(self.generator_update(draws))
+        return stats
+
+    # -- sampling helpers --------------------------------------------------------------------------
+    def draw_sigma(self, draws: IterationDraws, stream: str, levels, rows: slice) -> torch.Tensor:
+        n = self.batching.global_size
+        if diffusion.sigma_uses_normal_draws(levels):
+            u = draws.normal(stream, (n,), rows)
+        else:
+            u = draws.uniform(stream, (n,), rows)
+        sigma = diffusion.sample_sigma(levels, u)
+        return self.teacher.round_sigma(sigma).to(torch.float32)
+
+    def draw_labels(self, draws: IterationDraws, stream: str, rows: slice) -> torch.Tensor | None:
+        if not self.label_dim:
+            return None
+        return one_hot(draws.integers(stream, self.label_dim, self.batching.global_size, rows), self.label_dim)
+
+    def global_shape(self) -> tuple[int, ...]:
+        return (self.batching.global_size, *self.img_shape)
+
+    # -- fake score --------------------------------------------------------------------------------
+    def fake_update(self, draws: IterationDraws, j: int) -> dict[str, torch.Tensor]:
+        levels = self.recipe.fake_score.noise_levels
+        rows_list = self.batching.micro_rows()
+        loss_sum = torch.zeros((), device=self.device)
+        for m, rows in enumerate(rows_list):
+            z = draws.normal(f"fake{j}/z", self.global_shape(), rows)
+            labels = self.draw_labels(draws, f"fake{j}/labels", rows)
+            sigma = self.draw_sigma(draws, f"fake{j}/sigma", levels, rows)
+            noise = draws.normal(f"fake{j}/noise", self.global_shape(), rows)
+            with torch.no_grad():
+                x0 = self.gen_fn(z, labels)
+            s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+            with no_sync(self.fake_ddp, m == len(rows_list) - 1):
+                d = self.fake_ddp(x0 + s * noise, sigma, labels)
+                per_sample = self.fake.dsm_weight(sigma) * (d - x0).square().flatten(1).sum(1)
+                loss = per_sample.sum() / self.batching.local_size
+                loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            self.last_diagnostics = {"stage": "fake", "sigma": stats_of(sigma), "x0": stats_of(x0), "d_fake": stats_of(d)}
+        # Report the per-pixel loss (the optimized sum over pixels divided by their count).
+        numel = math.prod(self.img_shape)
+        out = self.optimizer_step("fake", self.opt_fake, self.fake.parameters(), self.recipe.optim.grad_clip_fake, loss_sum)
+        out["loss/fake"] = out["loss/fake"] / numel
+        return out
+
+    # -- generator ---------------------------------------------------------------------------------
+    def generator_direction(self, draws: IterationDraws, rows: slice):
+        """Return (x0 = g(z) with grad, direction d, weight w [N], stats) for one micro-batch."""
+        raise NotImplementedError
+
+    def generator_gradients(self, draws: IterationDraws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Accumulate the generator's gradient over this rank's micro-batches (no optimizer step)."""
+        rows_list = self.batching.micro_rows()
+        loss_sum = torch.zeros((), device=self.device)
+        stats: dict[str, torch.Tensor] = {}
+        for m, rows in enumerate(rows_list):
+            with no_sync(self.generator_ddp, m == len(rows_list) - 1):
+                x0, d, w, st = self.generator_direction(draws, rows)
+                target = (x0.detach() + d).detach()
+                per_sample = 0.5 * w * (x0 - target).square().flatten(1).sum(1)
+                loss = per_sample.sum() / self.batching.local_size
+                loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0) + v.detach() / len(rows_list)
+            self.last_diagnostics = {"stage": "generator", "x0": stats_of(x0), "direction": stats_of(d),
+                                     "weight": stats_of(w)}
+        return loss_sum, stats
+
+    def generator_update(self, draws: IterationDraws) -> dict[str, torch.Tensor]:
+        loss_sum, stats = self.generator_gradients(draws)
+        out = self.optimizer_step("gen", self.opt_gen, self.generator.parameters(), self.recipe.optim.grad_clip_gen, loss_sum)
+        out.update(stats)
+        return out
+
+    def weight(self, sigma, x0=None, d_teacher=None) -> torch.Tensor:
+        return diffusion.generator_weight(self.recipe.method.weighting, sigma, x0, d_teacher)
+
+    # -- outputs ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_seeds(self, seeds: list[int], use_ema: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gen = self.generator_ema if use_ema else self.generator
+        rng = PerSeedRandom(seeds, self.device)
+        z = rng.randn(self.img_shape)
+        labels = one_hot(rng.randint(self.label_dim), self.label_dim) if self.label_dim else None
+        return gen(z, labels), labels
+
+    def preview(self, path: Path) -> None:
+        from .. import plots
+
+        n = self.recipe.logging.grid_size
+        if len(self.img_shape) == 3:
+            x, _ = self.sample_seeds(list(range(n)))
+            plots.save_image_grid(x, path)
+        else:
+            x, _ = self.sample_seeds(list(range(max(n, 2000))))
+            mix = self.teacher_info.mixture
+            ref = mix.sample(2000, torch.Generator().manual_seed(0)) if mix else None
+            plots.save_scatter(x.cpu(), path, reference=ref, means=mix.means if mix else None)
+
+    def export(self, directory: Path, use_ema: bool = True) -> Path:
+        gen = self.generator_ema if use_ema else self.generator
+        extra = {"teacher": self.teacher_info.describe(), "method": self.recipe.method.name, "ema": use_ema}
+        return gen.save_pretrained(directory, self.data_info(), extra)

@@ -1,0 +1,167 @@
+"""EDM teacher training (Karras et al. 2022): `emdctl teacher train RECIPE`.
+
+Loss lambda(sigma) ||D(x + sigma n; sigma) - x||^2 with ln(sigma) ~ N(P_mean, P_std^2), EDM
+preconditioning, optional class conditioning and horizontal flips, learning-rate warm-up counted in
+images, EMA, on the shared trainer (auto-resume, bf16, DDP, progress).
+
+Data order is a function of (seed, global sample number): sample g of the run is element g mod N
+of the permutation drawn for epoch g // N. Any rank, micro-batch or resumed run therefore sees
+exactly the images an uninterrupted single-process run would. Images stream from disk through a
+DataLoader with worker processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import open_dataset, to_model_range
+from ..errors import UserError
+from ..networks import build_denoiser, preset_config
+from ..precision import apply_policy
+from ..rng import PerSeedRandom, derive_seed
+from ..samplers import edm_sampler
+from ..teachers import save_pretrained_denoiser
+from .base import Method, make_adam, no_sync, stats_of, wrap_ddp
+
+
+class EpochPermutations:
+    """Sample number -> dataset index, a fresh permutation per epoch (cached, a few at a time)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, g: int) -> int:
+        epoch = g // self.n
+        if epoch not in self._cache:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "data-order"))
+            self._cache = {epoch: torch.randperm(self.n, generator=gen)}
+        return int(self._cache[epoch][g % self.n])
+
+
+class IterationBatches(torch.utils.data.Sampler):
+    """Yields, for iterations start, start+1, ..., the dataset indices of each of this rank's micro-batches."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, rows_per_micro: list[slice], start: int):
+        self.order = EpochPermutations(n, seed)
+        self.global_batch, self.rows, self.start = global_batch, rows_per_micro, start
+
+    def __iter__(self):
+        it = self.start
+        while True:
+            for rows in self.rows:
+                base = it * self.global_batch
+                yield [self.order(base + r) for r in range(rows.start, rows.stop)]
+            it += 1
+
+
+class EDMTeacherTraining(Method):
+    name = "edm-teacher"
+
+    def __init__(self, recipe, dist):
+        super().__init__(recipe, dist)
+        d = recipe.data
+        self.dataset = open_dataset(d.path, d.format, d.labels, d.max_images, d.resolution)
+        self.img_shape = self.dataset.shape()
+        if d.labels and self.dataset.labels is None:
+            raise UserError(f"{d.path}: data.labels is true but the dataset has no labels")
+        self.label_dim = self.dataset.num_classes if d.labels else 0
+        net_cfg = recipe.network
+        cfg = preset_config(net_cfg.arch, net_cfg.precond, self.img_shape, self.label_dim, net_cfg.kwargs, net_cfg.sigma_data)
+        torch.manual_seed(derive_seed(recipe.seed, "init"))  # fresh weights are a function of the seed
+        try:
+            net = build_denoiser(cfg)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"network: cannot build {net_cfg.arch} for {self.img_shape} images ({e})") from None
+        prec = recipe.precision
+        apply_policy(net, prec.dtype, prec.channels_last, prec.checkpointing)
+        self.net = net.to(self.device).train()
+        self.net_ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.net_ddp = wrap_ddp(self.net, dist)
+        self.net_fn = torch.compile(self.net_ddp) if prec.compile and self.device.type == "cuda" else self.net_ddp
+        o = recipe.optim
+        self.opt = make_adam(self.net.parameters(), o.lr, o.betas, o.eps, 0.0, self.device)
+        self._loader_iter = None
+        self._loader_start = None
+
+    # -- trainer interface ---------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net, "net_ema": self.net_ema}
+
+    def optimizers(self):
+        return {"net": self.opt}
+
+    def ema_pairs(self):
+        return [(self.net_ema, self.net)]
+
+    def configs(self) -> dict:
+        return {"net": self.net.config(), "dataset": str(self.recipe.data.path)}
+
+    def initialize(self) -> None:
+        pass  # fresh weights: the architecture's own initialization, seeded in __init__
+
+    def _batches(self, iteration: int):
+        if self._loader_iter is None or self._loader_start != iteration:
+            sampler = IterationBatches(len(self.dataset), self.recipe.seed, self.batching.global_size,
+                                       self.batching.micro_rows(), iteration)
+            workers = 2 if self.device.type == "cpu" else 6
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
+                                                 pin_memory=self.device.type == "cuda", prefetch_factor=4,
+                                                 persistent_workers=False)
+            self._loader_iter = iter(loader)
+        self._loader_start = iteration + 1
+        return [next(self._loader_iter) for _ in self.batching.micro_rows()]
+
+    def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
+        r = self.recipe
+        draws = self.draws(iteration)
+        images = iteration * r.batch.size
+        lr = r.optim.lr * min(images / max(r.optim.warmup, 1e-8), 1.0) if r.optim.warmup else r.optim.lr
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        n, shape = self.batching.global_size, (self.batching.global_size, *self.img_shape)
+        batches = self._batches(iteration)
+        loss_sum = torch.zeros((), device=self.device)
+        rows_list = self.batching.micro_rows()
+        for m, (rows, (x_u8, y)) in enumerate(zip(rows_list, batches, strict=True)):
+            x0 = to_model_range(x_u8.to(self.device, non_blocking=True))
+            if r.data.xflip:
+                flip = draws.uniform("data/xflip", (n,), rows) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+            labels = torch.nn.functional.one_hot(y.to(self.device), self.label_dim).float() if self.label_dim else None
+            sigma = (draws.normal("edm/sigma", (n,), rows) * r.loss.p_std + r.loss.p_mean).exp()
+            noise = draws.normal("edm/noise", shape, rows)
+            with no_sync(self.net_ddp, m == len(rows_list) - 1):
+                d = self.net_fn(x0 + sigma[:, None, None, None] * noise, sigma, labels)
+                per_sample = self.net.dsm_weight(sigma) * (d - x0).square().flatten(1).sum(1)
+                loss = per_sample.sum() / self.batching.local_size
+                loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            self.last_diagnostics = {"stage": "teacher", "sigma": stats_of(sigma), "x0": stats_of(x0), "d": stats_of(d)}
+        # nan_to_num on gradients, as EDM does, is deliberately absent: non-finite values stop the run.
+        out = self.optimizer_step("net", self.opt, self.net.parameters(), r.optim.grad_clip, loss_sum)
+        out["loss/net"] = out["loss/net"] / math.prod(self.img_shape)
+        return out
+
+    # -- outputs ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def preview(self, path: Path) -> None:
+        from ..plots import save_image_grid
+
+        seeds = list(range(self.recipe.logging.grid_size))
+        rng = PerSeedRandom(seeds, self.device)
+        labels = None
+        if self.label_dim:
+            labels = torch.nn.functional.one_hot(rng.randint(self.label_dim), self.label_dim).float()
+        x = edm_sampler(self.net_ema, rng.randn(self.img_shape), labels, rng, num_steps=18, dtype=torch.float32)
+        save_image_grid(x, path)
+
+    def export(self, directory: Path, use_ema: bool = True) -> Path:
+        net = self.net_ema if use_ema else self.net
+        extra = {"trained_on": str(self.recipe.data.path), "ema": use_ema, "data": {"kind": "image", "range": [-1.0, 1.0]}}
+        return save_pretrained_denoiser(net, directory, extra)

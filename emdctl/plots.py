@@ -1,0 +1,145 @@
+"""PNG outputs people look at: sample grids, 2-D scatter plots, loss curves (Pillow only)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .storage import atomic_path
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8, EDM's convention (x * 127.5 + 128, clipped)."""
+    if x.dtype == torch.uint8:
+        return x
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def _save(img: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def save_image_grid(x: torch.Tensor, path: Path, nrow: int | None = None, pad: int = 2) -> None:
+    x = to_uint8(x.detach().cpu())
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    canvas = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    arr = canvas.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    _save(img, Path(path))
+
+
+class _Axes:
+    def __init__(self, draw, box, xlim, ylim):
+        self.draw, self.box, self.xlim, self.ylim = draw, box, xlim, ylim
+
+    def px(self, x, y):
+        (x0, y0, x1, y1), (a, b), (c, d) = self.box, self.xlim, self.ylim
+        return x0 + (x - a) / max(b - a, 1e-12) * (x1 - x0), y1 - (y - c) / max(d - c, 1e-12) * (y1 - y0)
+
+    def frame(self, font, title=None, xlabel=None):
+        x0, y0, x1, y1 = self.box
+        self.draw.rectangle(self.box, outline=(0, 0, 0))
+        for v in _ticks(*self.xlim):
+            px, _ = self.px(v, self.ylim[0])
+            self.draw.line([(px, y1), (px, y1 + 4)], fill=(0, 0, 0))
+            self.draw.text((px - 12, y1 + 6), _fmt(v), fill=(0, 0, 0), font=font)
+        for v in _ticks(*self.ylim):
+            _, py = self.px(self.xlim[0], v)
+            self.draw.line([(x0 - 4, py), (x0, py)], fill=(0, 0, 0))
+            self.draw.text((x0 - 56, py - 6), _fmt(v), fill=(0, 0, 0), font=font)
+        if title:
+            self.draw.text((x0, y0 - 16), title, fill=(0, 0, 0), font=font)
+        if xlabel:
+            self.draw.text(((x0 + x1) / 2 - 20, y1 + 20), xlabel, fill=(0, 0, 0), font=font)
+
+
+def _ticks(lo, hi, n=5):
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    for m in (1, 2, 5, 10):
+        if (hi - lo) / (step * m) <= n:
+            step *= m
+            break
+    start = math.ceil(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step) + 1)]
+
+
+def _fmt(v):
+    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-2):
+        return f"{v:.0e}"
+    return f"{v:g}"
+
+
+def save_scatter(points: torch.Tensor, path: Path, reference: torch.Tensor | None = None, means=None,
+                 title: str | None = None, size: int = 560) -> None:
+    """2-D samples (blue) over reference samples (grey) and mode centres (red crosses)."""
+    pts = points.detach().float().cpu()
+    allpts = pts if reference is None else torch.cat([pts, reference.float()])
+    finite = allpts[torch.isfinite(allpts).all(1)]
+    lo = finite.quantile(0.001, dim=0) if len(finite) else torch.tensor([-1.0, -1.0])
+    hi = finite.quantile(0.999, dim=0) if len(finite) else torch.tensor([1.0, 1.0])
+    span = float((hi - lo).max()) * 1.1 + 1e-6
+    mid = (lo + hi) / 2
+    lim = [(float(mid[i]) - span / 2, float(mid[i]) + span / 2) for i in range(2)]
+    img = Image.new("RGB", (size + 70, size + 50), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    ax = _Axes(draw, (64, 24, 64 + size - 20, 24 + size - 20), lim[0], lim[1])
+    if reference is not None:
+        for x, y in reference.float().tolist():
+            px, py = ax.px(x, y)
+            draw.point((px, py), fill=(170, 170, 170))
+    for x, y in pts.tolist():
+        if math.isfinite(x) and math.isfinite(y):
+            px, py = ax.px(x, y)
+            draw.ellipse([px - 1, py - 1, px + 1, py + 1], fill=PALETTE[0])
+    for m in means if means is not None else []:
+        px, py = ax.px(float(m[0]), float(m[1]))
+        draw.line([(px - 5, py - 5), (px + 5, py + 5)], fill=PALETTE[1], width=2)
+        draw.line([(px - 5, py + 5), (px + 5, py - 5)], fill=PALETTE[1], width=2)
+    ax.frame(font, title)
+    _save(img, Path(path))
+
+
+def save_curves(records: list[dict], keys: list[str], path: Path, x_key: str = "images", panel=(420, 260)) -> None:
+    """One panel per metric key, values against images seen."""
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
+        return
+    cols = min(3, len(keys))
+    rows = int(math.ceil(len(keys) / cols))
+    w, h = panel
+    img = Image.new("RGB", (cols * w, rows * h), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i, key in enumerate(keys):
+        pts = [(r[x_key], r[key]) for r in records if key in r and isinstance(r[key], int | float)]
+        pts = [(x, y) for x, y in pts if math.isfinite(y)]
+        if not pts:
+            continue
+        r_, c_ = divmod(i, cols)
+        ox, oy = c_ * w, r_ * h
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ylo, yhi = min(ys), max(ys)
+        if yhi == ylo:
+            ylo, yhi = ylo - 1, yhi + 1
+        ax = _Axes(draw, (ox + 60, oy + 24, ox + w - 16, oy + h - 40), (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1), (ylo, yhi))
+        line = [ax.px(x, y) for x, y in pts]
+        if len(line) > 1:
+            draw.line(line, fill=PALETTE[i % len(PALETTE)], width=2)
+        else:
+            draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=PALETTE[0])
+        ax.frame(font, key, x_key)
+    _save(img, Path(path))

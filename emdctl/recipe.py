@@ -1,0 +1,584 @@
+"""Recipes: YAML files validated by pydantic.
+
+A recipe is plain data. Every run dumps its fully resolved recipe (all defaults filled in) beside
+its outputs, so a run directory alone says exactly what was run. Two kinds exist:
+`distill` (the default) and `teacher-train`.
+
+Validation errors are turned into one readable line per problem, naming the file, the field path
+and the allowed values (see `format_validation_error`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import UserError
+
+# --------------------------------------------------------------------------------------------
+# Field types
+
+
+def _parse_image_count(value: Any) -> Any:
+    """Durations and cadences are counted in images seen: 200000, "500k", "10M", "1.5M"."""
+    if isinstance(value, bool):
+        raise ValueError("expected an image count like 200000, 500k or 10M")
+    if isinstance(value, int | float):
+        if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+            raise ValueError("expected a whole number of images, like 200000, 500k or 10M")
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMgG]?)\s*", value)
+        if m:
+            scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
+            n = float(m.group(1).replace("_", "")) * scale
+            if n == int(n):
+                return int(n)
+    raise ValueError("expected an image count like 200000, 500k or 10M")
+
+
+ImageCount = Annotated[int, BeforeValidator(_parse_image_count), Field(ge=0)]
+PositiveImageCount = Annotated[int, BeforeValidator(_parse_image_count), Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Noise levels and networks
+
+
+class NoiseLevels(Strict):
+    """Distribution of the noise level sigma (EDM's time variable).
+
+    lognormal: ln(sigma) ~ N(p_mean, p_std^2) (EDM training).  loguniform: ln(sigma) uniform on
+    [ln sigma_min, ln sigma_max].  karras: sigma = (smax^(1/rho) + u (smin^(1/rho) - smax^(1/rho)))^rho,
+    u ~ U(0, 1) (the EDM sampling schedule, used by SiD/DMD-style distillation).  Whatever the
+    distribution, sigma is clipped to [sigma_min, sigma_max] and rounded to a discrete teacher's grid.
+    """
+
+    dist: Literal["lognormal", "loguniform", "karras"] = "lognormal"
+    p_mean: float = -1.2
+    p_std: PositiveFloat = 1.2
+    sigma_min: PositiveFloat = 0.002
+    sigma_max: PositiveFloat = 80.0
+    rho: PositiveFloat = 7.0
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        return self
+
+
+class MLPNetwork(Strict):
+    """The small MLP denoiser used for low-dimensional (analytic) problems."""
+
+    hidden: PositiveInt = 256
+    layers: PositiveInt = 4
+    emb_dim: PositiveInt = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Teachers
+
+
+class MixtureSpec(Strict):
+    """An isotropic Gaussian mixture: sum_k w_k N(mu_k, s_k^2 I)."""
+
+    weights: list[PositiveFloat] = Field(min_length=1)
+    means: list[list[float]] = Field(min_length=1)
+    scales: list[PositiveFloat] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        k = len(self.weights)
+        if len(self.means) != k or len(self.scales) != k:
+            raise ValueError(
+                f"weights, means and scales must have one entry per component "
+                f"(got {len(self.weights)}, {len(self.means)}, {len(self.scales)})"
+            )
+        dims = {len(m) for m in self.means}
+        if len(dims) != 1 or 0 in dims:
+            raise ValueError("every mean must have the same, non-zero dimension")
+        return self
+
+
+class TeacherFit(Strict):
+    """How the MLP that initializes the generator and fake score is fitted to an analytic teacher."""
+
+    steps: PositiveInt = 1500
+    batch: PositiveInt = 1024
+    lr: PositiveFloat = 2e-3
+
+
+class MixtureTeacher(Strict):
+    kind: Literal["mixture"]
+    preset: Literal["ring8-unequal", "ring8", "two-moons-gauss"] | None = None
+    mixture: MixtureSpec | None = None
+    network: MLPNetwork = MLPNetwork()
+    fit: TeacherFit = TeacherFit()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.preset is None) == (self.mixture is None):
+            raise ValueError("give exactly one of 'preset' or 'mixture'")
+        return self
+
+
+class DDPMPulferTeacher(Strict):
+    """A discrete-time epsilon-prediction DDPM with Pulfer's MyUNet (the MNIST teacher in shared/data)."""
+
+    kind: Literal["ddpm-pulfer"]
+    path: Path
+    sha256: str | None = None
+    resolution: PositiveInt | None = None
+    timesteps: PositiveInt = 1000
+    beta_start: PositiveFloat = 1e-4
+    beta_end: PositiveFloat = 0.02
+
+
+class EDMPickleTeacher(Strict):
+    """An official NVlabs/edm network pickle, read without executing any code from it."""
+
+    kind: Literal["edm-pickle"]
+    path: Path | None = None
+    url: str | None = None
+    sha256: str | None = None
+    resolution: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is None and self.url is None:
+            raise ValueError("give 'path' (a local .pkl) or 'url' (downloaded once into the cache)")
+        return self
+
+
+class PretrainedTeacher(Strict):
+    """An emdctl model directory: model.safetensors + config.json (e.g. from `emdctl teacher convert`)."""
+
+    kind: Literal["pretrained"]
+    path: Path
+    resolution: PositiveInt | None = None
+
+
+Teacher = Annotated[
+    Union[MixtureTeacher, DDPMPulferTeacher, EDMPickleTeacher, PretrainedTeacher],  # noqa: UP007
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Generator, methods, fake score
+
+
+class GeneratorSpec(Strict):
+    """g(z) = D_teacher(sigma* z; sigma*) with the teacher's weights (Sec. 'Generator initialization')."""
+
+    sigma_init: PositiveFloat | None = 2.5
+    lambda_init: float | None = None
+    arch_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lambda_wins(cls, data: Any):
+        # lambda_init (log-SNR, lambda = -2 ln sigma) replaces the default sigma_init when given.
+        if isinstance(data, dict) and data.get("lambda_init") is not None and "sigma_init" not in data:
+            data = {**data, "sigma_init": None}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.sigma_init is None) == (self.lambda_init is None):
+            raise ValueError("give exactly one of sigma_init or lambda_init")
+        return self
+
+    @property
+    def sigma_star(self) -> float:
+        return self.sigma_init if self.sigma_init is not None else math.exp(-self.lambda_init / 2)
+
+
+class Langevin(Strict):
+    """The E-step: K Langevin steps on (eps, z).
+
+    z_step_scaling: 'sigma2' preconditions the z-chain of each sample by sigma^2 / (sigma^2 +
+    sigma_data^2): grad_z log pi = J^T Delta - z has curvature ~ |J|^2 / sigma^2, so one constant
+    z-step diverges at small sigma. A constant preconditioner per chain leaves the target unchanged.
+    'none' uses gamma_z as given at every noise level."""
+
+    steps: Annotated[int, Field(ge=0)] = 8
+    gamma_eps: NonNegFloat = 0.1
+    gamma_z: NonNegFloat = 0.0
+    z_step_scaling: Literal["sigma2", "none"] = "sigma2"
+    cancel_noise: bool = True
+    cancel_noise_z: bool = False
+    prior_pull: bool = True
+    fused_update: Literal["off", "on"] = "off"
+
+
+Weighting = Literal["sigma2", "uniform", "dmd"]
+
+
+class EMDMethod(Strict):
+    name: Literal["emd"]
+    langevin: Langevin = Langevin()
+    noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=80.0)
+    weighting: Weighting = "sigma2"
+
+
+class DiffInstructMethod(Strict):
+    name: Literal["diff-instruct"]
+    noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=80.0)
+    weighting: Weighting = "sigma2"
+
+
+Method = Annotated[Union[EMDMethod, DiffInstructMethod], Field(discriminator="name")]  # noqa: UP007
+
+
+class FakeScore(Strict):
+    """The fake score: initialized from the teacher, trained by DSM on detached generator samples."""
+
+    noise_levels: NoiseLevels = NoiseLevels()
+    steps_per_iteration: PositiveInt = 1
+    arch_overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class Optim(Strict):
+    lr_gen: PositiveFloat = 1e-5
+    lr_fake: PositiveFloat = 1e-5
+    betas_gen: tuple[Beta, Beta] = (0.0, 0.99)
+    betas_fake: tuple[Beta, Beta] = (0.0, 0.99)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegFloat = 0.0
+    grad_clip_gen: NonNegFloat = 0.0
+    grad_clip_fake: NonNegFloat = 0.0
+
+
+class Batch(Strict):
+    size: PositiveInt = 256
+    micro: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _divides(self):
+        if self.micro is not None and self.size % self.micro != 0:
+            raise ValueError(f"micro ({self.micro}) must divide size ({self.size})")
+        return self
+
+
+class EMA(Strict):
+    halflife: ImageCount = 500_000
+    rampup: Annotated[float, Field(ge=0)] | None = 0.05
+
+
+class Precision(Strict):
+    """One place for numerics: networks run under autocast(dtype); preconditioning, the Langevin
+    ledger, losses and optimizer states stay float32. fp16 training would need loss scaling, so
+    training uses fp32 or bf16 (sampling and `emdctl bench` also offer fp16)."""
+
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    tf32: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    checkpointing: bool = False
+
+
+class Logging(Strict):
+    every: PositiveImageCount = 10_000
+    grid_every: ImageCount = 100_000
+    grid_size: PositiveInt = 64
+    progress: bool = True
+
+
+class Checkpointing(Strict):
+    every: PositiveImageCount = 100_000
+    keep: PositiveInt = 3
+
+
+class NaNHandling(Strict):
+    policy: Literal["stop", "skip"] = "stop"
+    max_skips: PositiveInt = 100
+
+
+class _RunCommon(Strict):
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch: Batch = Batch()
+    duration: PositiveImageCount = 1_000_000
+    ema: EMA = EMA()
+    precision: Precision = Precision()
+    logging: Logging = Logging()
+    checkpoint: Checkpointing = Checkpointing()
+    nan: NaNHandling = NaNHandling()
+
+
+class DistillRecipe(_RunCommon):
+    kind: Literal["distill"] = "distill"
+    teacher: Teacher
+    generator: GeneratorSpec = GeneratorSpec()
+    method: Method
+    fake_score: FakeScore = FakeScore()
+    optim: Optim = Optim()
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher training
+
+
+class DataSpec(Strict):
+    path: Path
+    format: Literal["auto", "edm-zip", "folder", "mnist", "npz"] = "auto"
+    labels: bool = False
+    xflip: bool = False
+    resolution: PositiveInt | None = None
+    max_images: PositiveInt | None = None
+
+
+class NetworkSpec(Strict):
+    """An architecture preset plus keyword overrides (parameter names as in NVlabs/edm)."""
+
+    arch: Literal["ddpmpp", "ncsnpp", "adm", "mlp", "pulfer-unet"] = "ddpmpp"
+    precond: Literal["edm", "vp", "ve"] = "edm"
+    sigma_data: PositiveFloat = 0.5
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class EDMLoss(Strict):
+    p_mean: float = -1.2
+    p_std: PositiveFloat = 1.2
+
+
+class TeacherOptim(Strict):
+    lr: PositiveFloat = 1e-3
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    warmup: ImageCount = 10_000_000
+    grad_clip: NonNegFloat = 0.0
+
+
+class TeacherTrainRecipe(_RunCommon):
+    kind: Literal["teacher-train"]
+    data: DataSpec
+    network: NetworkSpec = NetworkSpec()
+    loss: EDMLoss = EDMLoss()
+    optim: TeacherOptim = TeacherOptim()
+
+
+Recipe = DistillRecipe | TeacherTrainRecipe
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"distill": DistillRecipe, "teacher-train": TeacherTrainRecipe}
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+DEFAULT_RECIPE_PATH = Path(__file__).with_name("default_recipe.yaml")
+
+
+def read_yaml(path: Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such recipe file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a YAML recipe file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the recipe ({e.__class__.__name__}: {e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """Apply `a.b.c=value` overrides; the value is parsed as YAML (numbers, booleans, lists)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr_gen=2e-6")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+            raise UserError(f"--set {item!r}: {key!r} is not a dotted field path like method.langevin.steps")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section in {source}")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def parse_recipe(data: Any, source: str, default_name: str | None = None) -> Recipe:
+    """Validate raw recipe data; `source` names where it came from in error messages."""
+    if data is None:
+        raise UserError(f"{source}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the recipe must be a mapping of sections, got {type(data).__name__}")
+    kind = data.get("kind", "distill")
+    if not isinstance(kind, str) or kind not in RECIPE_KINDS:
+        raise UserError(f"{source}: kind: unknown value {kind!r} (allowed: {', '.join(RECIPE_KINDS)})")
+    cls = RECIPE_KINDS[kind]
+    try:
+        recipe = cls.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source, data, cls)) from None
+    if recipe.name is None and default_name:
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", default_name).lstrip("-._") or "run"
+        recipe = recipe.model_copy(update={"name": name})
+    return recipe
+
+
+def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (or the embedded default when `path` is None) and apply overrides."""
+    src_path = DEFAULT_RECIPE_PATH if path is None else Path(path)
+    data = read_yaml(src_path)
+    source = "default recipe" if path is None else str(src_path)
+    if overrides:
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"{source}: the recipe must be a mapping of sections")
+        data = apply_overrides(data or {}, overrides, source)
+        source = f"{source} (with --set {', '.join(overrides)})"
+    return parse_recipe(data, source, default_name=src_path.stem)
+
+
+def recipe_to_dict(recipe: BaseModel) -> dict:
+    return recipe.model_dump(mode="json")
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Error messages
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types an annotation admits (Optional/Union/Annotated removed)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        out = []
+        for a in typing.get_args(annotation):
+            out += _unwrap(a)
+        return out
+    return [annotation]
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _walk(model: type[BaseModel], loc: tuple, data: Any) -> tuple[str, type[BaseModel] | None, Any]:
+    """Turn a pydantic error location into a dotted path, the model that owns the last field,
+    and the data of that model. Discriminator tags that pydantic inserts into `loc` are skipped."""
+    path: list[str] = []
+    current: Any = model
+    node = data
+    owner, owner_data = model, data
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        if _is_model(current) and isinstance(part, str) and part in current.model_fields:
+            owner, owner_data = current, node
+            field = current.model_fields[part]
+            path.append(part)
+            node = node.get(part) if isinstance(node, dict) else None
+            candidates = [c for c in _unwrap(field.annotation) if c is not type(None)]
+            models = [c for c in candidates if _is_model(c)]
+            if field.discriminator and len(models) > 1:
+                tag = node.get(field.discriminator) if isinstance(node, dict) else None
+                chosen = [m for m in models if tag in _literal_values(m, field.discriminator)]
+                current = chosen[0] if chosen else None
+                if i + 1 < len(loc) and loc[i + 1] == tag:
+                    i += 1  # pydantic puts the tag itself into the location
+            elif len(models) == 1:
+                current = models[0]
+            else:
+                current = candidates[0] if len(candidates) == 1 else None
+        elif isinstance(part, int):
+            path[-1:] = [f"{path[-1]}[{part}]"] if path else [f"[{part}]"]
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            args = typing.get_args(current) if current is not None else ()
+            current = args[0] if args else None
+            models = [c for c in _unwrap(current) if _is_model(c)] if current is not None else []
+            current = models[0] if len(models) == 1 else current
+        else:
+            path.append(str(part))
+            owner, owner_data = (current if _is_model(current) else None), node
+            node = node.get(part) if isinstance(node, dict) else None
+            current = None
+        i += 1
+    return ".".join(path), owner, owner_data
+
+
+def _literal_values(model: type[BaseModel], field_name: str) -> list[Any]:
+    field = model.model_fields.get(field_name)
+    if field is None:
+        return []
+    return list(typing.get_args(field.annotation))
+
+
+def format_validation_error(err: ValidationError, source: str, data: Any, model: type[BaseModel]) -> str:
+    """One line per problem: `<file>: <field.path>: <what is wrong> (allowed: ...)`."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        path, owner, _ = _walk(model, loc, data)
+        kind = e["type"]
+        ctx = e.get("ctx") or {}
+        given = e.get("input")
+        if kind == "extra_forbidden":
+            allowed = ", ".join(owner.model_fields) if owner is not None else ""
+            parent = path.rsplit(".", 1)[0] if "." in path else "top level"
+            msg = f"unknown field in {parent}" + (f" (allowed: {allowed})" if allowed else "")
+        elif kind == "union_tag_invalid":
+            tags = ctx.get("expected_tags", "")
+            msg = f"unknown {ctx.get('discriminator', 'kind').strip(chr(39))} {ctx.get('tag')!r} (allowed: {tags})"
+        elif kind == "union_tag_not_found":
+            msg = f"missing the field {ctx.get('discriminator', '')} that says which kind this is"
+        elif kind == "literal_error":
+            msg = f"got {given!r}; allowed values: {ctx.get('expected', '')}"
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif kind in ("value_error", "assertion_error"):
+            msg = str(ctx.get("error", e["msg"]))
+        else:
+            text = e["msg"][0].lower() + e["msg"][1:] if e["msg"] else kind
+            shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
+            msg = f"{text} (got {shown})"
+        lines.append(f"{source}: {path or 'top level'}: {msg}")
+    return "\n".join(lines)

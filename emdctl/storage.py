@@ -1,0 +1,190 @@
+"""Files that must never be half-written, and model directories.
+
+* `atomic_write`: write to a temporary file in the same directory, fsync, rename over the target,
+  fsync the directory. A crash or a full disk leaves either the old file or the new one, never a
+  torn one, and no temporary file behind.
+* Model directories (diffusers-style `from_pretrained`): `model.safetensors` + `config.json`.
+  Loading reads tensors with safetensors and JSON with json: no code from the files ever runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+MODEL_FORMAT = "emdctl-model"
+MODEL_FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is fsynced and renamed onto `target`.
+    On any failure (including a full disk) the temporary file is removed and the error re-raised."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write(target: Path | str, data: bytes | str) -> None:
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
+
+
+def atomic_write_json(target: Path | str, obj) -> None:
+    atomic_write(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_safetensors(target: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(target) as tmp:
+        save_file(cpu, str(tmp), metadata=metadata)
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_safetensors(path: Path | str, what: str = "file") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: corrupt or truncated {what} ({e}); restore or re-create it") from None
+
+
+def read_safetensors_metadata(path: Path | str, what: str = "file") -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: corrupt or truncated {what} ({e}); restore or re-create it") from None
+
+
+def read_json(path: Path | str, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object in the {what}")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Model directories
+
+
+def save_model_dir(directory: Path | str, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write weights + config into `directory` atomically (built beside it, then renamed in)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        cfg = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **config}
+        atomic_save_safetensors(staging / WEIGHTS_NAME, state, {"format": MODEL_FORMAT})
+        cfg["weights_sha256"] = sha256_file(staging / WEIGHTS_NAME)
+        atomic_write_json(staging / CONFIG_NAME, cfg)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_model_dir(directory: Path | str, expect_kind: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    if not directory.exists():
+        raise UserError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: expected an emdctl model directory (model.safetensors + config.json)")
+    config = read_json(directory / CONFIG_NAME, "model config")
+    if config.get("format") != MODEL_FORMAT:
+        raise UserError(f"{directory / CONFIG_NAME}: not an emdctl model config (format {config.get('format')!r})")
+    if expect_kind and config.get("kind") != expect_kind:
+        raise UserError(f"{directory}: holds a {config.get('kind')!r}, expected a {expect_kind!r}")
+    weights = directory / WEIGHTS_NAME
+    want = config.get("weights_sha256")
+    if want and weights.is_file() and sha256_file(weights) != want:
+        raise UserError(f"{weights}: checksum mismatch with config.json (corrupt file); re-export or re-convert it")
+    return config, read_safetensors(weights, "model weights")
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with a one-line error naming the first mismatch."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise UserError(f"{source}: weights do not fit this architecture: {'; '.join(parts)}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise UserError(
+                f"{source}: weights do not fit this architecture: {k} has shape {tuple(state[k].shape)}, "
+                f"expected {tuple(v.shape)}"
+            )
+    module.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()}, strict=True)
+
+
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.state_dict().items()}
+

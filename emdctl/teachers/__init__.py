@@ -1,0 +1,211 @@
+"""Teachers: one interface for every kind of pretrained diffusion model.
+
+A `Teacher` is a frozen EDM-form denoiser D(x; sigma, labels) plus what distillation needs to know:
+the config from which the student networks (generator, fake score) are built, and the weights they
+start from (the teacher's own; for an analytic mixture, a small MLP fitted to its exact denoiser).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import diffusion
+from ..errors import UserError
+from ..networks import build_denoiser
+from ..networks.precond import Denoiser, DiscreteVPPrecond
+from ..networks.pulfer_unet import PulferUNet
+from ..storage import load_model_dir, load_state_strict, module_state, save_model_dir, sha256_file
+from .mixture import GaussianMixture, MixtureDenoiser, preset_mixture
+
+
+@dataclass
+class Teacher:
+    denoiser: Denoiser
+    source: str
+    student_config: dict
+    init_weights: Callable[[], dict[str, torch.Tensor]]
+    mixture: GaussianMixture | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def img_shape(self) -> tuple[int, ...]:
+        return self.denoiser.img_shape
+
+    @property
+    def label_dim(self) -> int:
+        return self.denoiser.label_dim
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.img_shape) == 3
+
+    def describe(self) -> dict:
+        out = {
+            "source": self.source,
+            "precond": self.denoiser.precond,
+            "img_shape": list(self.img_shape),
+            "label_dim": self.label_dim,
+            "discrete": self.denoiser.is_discrete,
+        }
+        if self.mixture is not None:
+            out["mixture"] = self.mixture.to_dict()
+        return out
+
+
+def _existing(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such {what} (relative paths are resolved from {Path.cwd()})")
+    return path
+
+
+def _check_sha(path: Path, expected: str | None) -> None:
+    if expected and sha256_file(path) != expected.lower():
+        raise UserError(f"{path}: sha256 does not match teacher.sha256 ({expected}); the file is not the one expected")
+
+
+def load_ddpm_pulfer(path: Path, timesteps=1000, beta_start=1e-4, beta_end=0.02, sha256=None) -> DiscreteVPPrecond:
+    """The MNIST DDPM (Pulfer's MyUNet state_dict, keys 'network.*'), read with weights_only."""
+    path = _existing(path, "teacher checkpoint")
+    _check_sha(path, sha256)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all mean the same here
+        msg = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+        raise UserError(f"{path}: cannot read the teacher checkpoint safely ({msg})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a state_dict of tensors (MyDDPM or MyUNet)")
+    if not any(k.startswith("network.") for k in state):
+        state = {f"network.{k}": v for k, v in state.items()}
+    net = PulferUNet(n_steps=timesteps)
+    den = DiscreteVPPrecond(net, (1, 28, 28), 0, timesteps, beta_start, beta_end)
+    den.arch = {"arch": "pulfer-unet", "arch_kwargs": {"n_steps": timesteps, "time_emb_dim": 100}}
+    load_state_strict(den, state, str(path))
+    return den
+
+
+def load_pretrained_denoiser(path: Path) -> Denoiser:
+    config, state = load_model_dir(_existing(path, "model directory"), expect_kind="denoiser")
+    try:
+        den = build_denoiser(config["denoiser"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: config.json does not describe a buildable denoiser ({e})") from None
+    load_state_strict(den, state, str(path))
+    return den
+
+
+def save_pretrained_denoiser(den: Denoiser, directory: Path, extra: dict | None = None) -> Path:
+    cfg = {"kind": "denoiser", "denoiser": den.config(), **(extra or {})}
+    return save_model_dir(directory, module_state(den), cfg)
+
+
+def fit_mixture_network(
+    mixture: GaussianMixture, config: dict, steps: int, batch: int, lr: float, seed: int, device
+) -> dict[str, torch.Tensor]:
+    """Fit an MLP denoiser to the exact mixture denoiser (regression, EDM weighting, log-uniform sigma).
+
+    This network initializes the generator and fake score, as the teacher's weights do for a
+    network teacher. Deterministic given the seed.
+    """
+    from ..rng import derive_seed
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "teacher-fit-init"))
+        den = build_denoiser(config).to(device).train()
+    opt = torch.optim.Adam(den.parameters(), lr=lr)
+    gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, "teacher-fit"))
+    lo, hi = torch.log(torch.tensor(1e-3)), torch.log(torch.tensor(100.0))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        x0 = mixture.sample(batch, generator=gen).float()
+        sigma = (lo + torch.rand(batch, generator=gen) * (hi - lo)).exp()
+        noise = torch.randn(batch, mixture.dim, generator=gen)
+        x0, sigma, noise = x0.to(device), sigma.to(device), noise.to(device)
+        x = x0 + sigma[:, None] * noise
+        target = mixture.denoise(x.double(), sigma.double()).float()
+        w = diffusion.edm_loss_weight(sigma, den.sigma_data)[:, None]
+        loss = (w * (den(x, sigma) - target).square()).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return {k: v.detach().cpu() for k, v in den.state_dict().items()}
+
+
+def _mlp_student_config(mixture: GaussianMixture, net) -> dict:
+    return {
+        "precond": "edm",
+        "precond_kwargs": {"sigma_data": round(mixture.data_std(), 6), "sigma_min": 0.0, "sigma_max": None},
+        "img_shape": [mixture.dim],
+        "label_dim": 0,
+        "arch": "mlp",
+        "arch_kwargs": {"hidden": net.hidden, "layers": net.layers, "emb_dim": net.emb_dim},
+    }
+
+
+def load_teacher(spec, seed: int = 0, device: str | torch.device = "cpu") -> Teacher:
+    """Build the teacher a recipe's `teacher:` section describes (frozen, on `device`)."""
+    kind = spec.kind
+    if kind == "mixture":
+        params = preset_mixture(spec.preset) if spec.preset else spec.mixture.model_dump()
+        mixture = GaussianMixture(params["weights"], params["means"], params["scales"])
+        den = MixtureDenoiser(mixture)
+        cfg = _mlp_student_config(mixture, spec.network)
+        fit = spec.fit
+        source = f"mixture:{spec.preset or 'custom'} ({mixture.num_components} components, {mixture.dim}-D)"
+        return Teacher(
+            denoiser=den.to(device),
+            source=source,
+            student_config=cfg,
+            init_weights=lambda: fit_mixture_network(mixture, cfg, fit.steps, fit.batch, fit.lr, seed, device),
+            mixture=mixture,
+        )
+    if kind == "ddpm-pulfer":
+        den = load_ddpm_pulfer(spec.path, spec.timesteps, spec.beta_start, spec.beta_end, spec.sha256)
+        source = f"ddpm-pulfer:{spec.path}"
+    elif kind == "edm-pickle":
+        from ..hub import fetch
+        from .edm_pickle import load_edm_pickle
+
+        path = Path(spec.path) if spec.path is not None else fetch(spec.url, spec.sha256, "EDM teacher pickle")
+        path = _existing(path, "EDM network pickle")
+        if spec.path is not None:
+            _check_sha(path, spec.sha256)
+        den = load_edm_pickle(path)
+        source = f"edm-pickle:{spec.path or spec.url}"
+    elif kind == "pretrained":
+        den = load_pretrained_denoiser(spec.path)
+        source = f"pretrained:{spec.path}"
+    else:  # pragma: no cover - the recipe schema rejects other kinds
+        raise UserError(f"unknown teacher kind {kind!r}")
+    expected = getattr(spec, "resolution", None)
+    if expected is not None and den.img_shape[-1] != expected:
+        raise UserError(
+            f"teacher.resolution: the recipe expects {expected}x{expected} images but the teacher "
+            f"({source}) is {den.img_shape[-2]}x{den.img_shape[-1]}"
+        )
+    den = den.to(device).eval().requires_grad_(False)
+    weights = {k: v.detach().cpu().clone() for k, v in den.state_dict().items()}
+    return Teacher(
+        denoiser=den,
+        source=source,
+        student_config=copy.deepcopy(den.config()),
+        init_weights=lambda: {k: v.clone() for k, v in weights.items()},
+    )
+
+
+__all__ = [
+    "GaussianMixture",
+    "MixtureDenoiser",
+    "Teacher",
+    "fit_mixture_network",
+    "load_ddpm_pulfer",
+    "load_pretrained_denoiser",
+    "load_teacher",
+    "save_pretrained_denoiser",
+]

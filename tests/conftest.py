@@ -1,0 +1,67 @@
+"""Shared test setup: offline, a private cache, few threads, and helpers for tiny recipes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["EMDCTL_OFFLINE"] = "1"  # never touch the network from tests
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data next to the checkout (or $EMDCTL_SHARED_DATA)."""
+    env = os.environ.get("EMDCTL_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data", Path("/work/shared/data")]
+    for c in candidates:
+        if (c / "SOURCES.md").is_file():
+            return c
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EMDCTL_CACHE", str(tmp_path_factory.getbasetemp() / "emdctl-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+    monkeypatch.delenv("EMDCTL_INCEPTION_WEIGHTS", raising=False)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("../shared/data (MNIST, CIFAR-10, the MNIST teacher) is not available next to this checkout")
+    return d
+
+
+def tiny_mixture_recipe(**overrides) -> dict:
+    """A distillation recipe that runs in seconds on a CPU."""
+    r = {
+        "kind": "distill",
+        "name": "tiny",
+        "seed": 0,
+        "device": "cpu",
+        "teacher": {"kind": "mixture", "preset": "ring8-unequal", "network": {"hidden": 32, "layers": 2, "emb_dim": 16},
+                    "fit": {"steps": 30, "batch": 256}},
+        "generator": {"sigma_init": 2.5},
+        "method": {"name": "emd", "langevin": {"steps": 2, "gamma_eps": 0.1}},
+        "optim": {"lr_gen": 1e-3, "lr_fake": 1e-3},
+        "batch": {"size": 64},
+        "duration": 640,
+        "ema": {"halflife": 1000},
+        "logging": {"every": 320, "grid_every": 640, "grid_size": 16, "progress": False},
+        "checkpoint": {"every": 320, "keep": 2},
+    }
+    for key, value in overrides.items():
+        node = r
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return r

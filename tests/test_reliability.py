@@ -1,0 +1,329 @@
+"""No lost work and no surprises: kills, signals, NaN, corrupt files, full disks, hostile inputs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from emdctl import storage
+from emdctl.checkpoint import CheckpointManager, load_checkpoint
+from emdctl.errors import TrainingStopped, UserError
+from emdctl.recipe import parse_recipe
+from emdctl.trainer import EXIT_NONFINITE, run_recipe
+
+from .conftest import REPO, tiny_mixture_recipe
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def long_recipe(**kw):
+    # 60 iterations with a checkpoint every 10: long enough to be killed in the middle.
+    return tiny_mixture_recipe(**{"duration": 3840, "checkpoint.every": 640, "checkpoint.keep": 10,
+                                  "logging.every": 640, "logging.grid_every": 0, "method.langevin.gamma_z": 0.02,
+                                  **kw})
+
+
+def cmd(recipe_file, run_dir):
+    return [sys.executable, "-m", "emdctl", "distill", str(recipe_file), "--run-dir", str(run_dir)]
+
+
+def final_state(run_dir):
+    tensors, meta = CheckpointManager(run_dir).load()
+    return {k: v for k, v in tensors.items() if k.startswith(("net.", "optim."))}, meta
+
+
+def wait_for_checkpoint(run_dir, min_images, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            entries = CheckpointManager(run_dir).entries()
+        except UserError:
+            entries = []
+        if entries and entries[-1]["images"] >= min_images:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before reaching {min_images} images: {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    f = tmp / "r.yaml"
+    f.write_text(yaml.safe_dump(long_recipe()))
+    res = subprocess.run(cmd(f, tmp / "run"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return f, final_state(tmp / "run")
+
+
+def assert_same_state(a, b):
+    assert a[1]["images"] == b[1]["images"] and a[1]["iteration"] == b[1]["iteration"]
+    assert set(a[0]) == set(b[0])
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), f"{k} differs"
+
+
+def test_sigkill_then_rerun_continues_bit_for_bit(tmp_path, reference_run):
+    f, ref = reference_run
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cmd(f, run), env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    wait_for_checkpoint(run, 1280, proc)
+    time.sleep(0.3)  # somewhere between checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert CheckpointManager(run).entries()[-1]["images"] < 3840  # really killed mid-way
+    res = subprocess.run(cmd(f, run), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stderr
+    assert_same_state(final_state(run), ref)
+    # metrics.jsonl has no duplicated intervals after the resume
+    images = [json.loads(x)["images"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert images == sorted(set(images))
+
+
+def test_sigterm_checkpoints_then_resumes_bit_for_bit(tmp_path, reference_run):
+    f, ref = reference_run
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cmd(f, run), env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    wait_for_checkpoint(run, 640, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "re-run the same command to resume" in err
+    stopped_at = CheckpointManager(run).entries()[-1]["images"]
+    assert 640 <= stopped_at < 3840
+    res = subprocess.run(cmd(f, run), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert_same_state(final_state(run), ref)
+
+
+def _poison_from(monkeypatch, iteration):
+    """Make the generator's direction NaN from the given iteration on."""
+    from emdctl.methods.distill import DistillationMethod
+
+    original = DistillationMethod.generator_gradients
+
+    def poisoned(self, draws):
+        if draws.iteration >= iteration:
+            real = self.generator_direction
+
+            def bad(d, rows):
+                x0, dd, w, stt = real(d, rows)
+                return x0, dd * float("nan"), w, stt
+
+            self.generator_direction = bad
+            try:
+                return original(self, draws)
+            finally:
+                del self.generator_direction
+        return original(self, draws)
+
+    monkeypatch.setattr(DistillationMethod, "generator_gradients", poisoned)
+
+
+def test_nan_stops_with_last_good_checkpoint_and_diagnostics(tmp_path, monkeypatch):
+    _poison_from(monkeypatch, 7)
+    r = parse_recipe(long_recipe(), "r")
+    with pytest.raises(TrainingStopped) as e:
+        run_recipe(r, run_dir=tmp_path / "run")
+    assert e.value.exit_code == EXIT_NONFINITE
+    msg = e.value.message
+    assert "iteration 7" in msg and "loss/gen is nan" in msg and "ckpt-000000000000.safetensors" in msg
+    diag = json.loads((tmp_path / "run" / "nonfinite-000000007.json").read_text())
+    assert diag["quantity"] == "loss/gen" and diag["diagnostics"]["direction"]["finite_fraction"] == 0.0
+    # the last good state is kept and still loads; nothing after the NaN was written
+    tensors, meta = CheckpointManager(tmp_path / "run").load()
+    assert meta["images"] <= 7 * 64 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+
+
+def test_nan_skip_policy_counts_and_reports(tmp_path, monkeypatch):
+    _poison_from(monkeypatch, 55)
+    r = parse_recipe(long_recipe(**{"nan.policy": "skip", "nan.max_skips": 10}), "r")
+    run, summary = run_recipe(r, run_dir=tmp_path / "run")
+    assert summary["nan_skipped"] == 5
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["nan_skipped"] == 5 and last["nan/skipped"] == 5
+    # more consecutive skips than allowed: the run stops
+    _poison_from(monkeypatch, 0)
+    r = parse_recipe(long_recipe(**{"nan.policy": "skip", "nan.max_skips": 3}), "r")
+    with pytest.raises(TrainingStopped, match="after 3 consecutive skipped steps"):
+        run_recipe(r, run_dir=tmp_path / "run2")
+
+
+def test_corrupt_checkpoint_is_named_and_not_loaded(tmp_path):
+    r = parse_recipe(tiny_mixture_recipe(), "r")
+    run_recipe(r, run_dir=tmp_path / "run")
+    mgr = CheckpointManager(tmp_path / "run")
+    latest = mgr.latest()
+    data = bytearray(latest.read_bytes())
+    data[-10] ^= 0xFF
+    latest.write_bytes(bytes(data))
+    with pytest.raises(UserError) as e:
+        run_recipe(r, run_dir=tmp_path / "run")
+    assert latest.name in e.value.message and "checksum mismatch" in e.value.message and "move it away" in e.value.message
+    latest.write_bytes(bytes(data[:100]))  # truncated and unlisted: a clear error too
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_checkpoint(latest, entries=[])
+
+
+def test_checkpoint_from_another_architecture(tmp_path):
+    run_recipe(parse_recipe(tiny_mixture_recipe(), "r"), run_dir=tmp_path / "run")
+    wider = parse_recipe(tiny_mixture_recipe(**{"teacher.network.hidden": 48, "duration": 1280}), "r")
+    with pytest.raises(UserError, match="do not fit this architecture"):
+        run_recipe(wider, run_dir=tmp_path / "run", resume=True)
+
+
+def test_force_moves_the_old_run_aside(tmp_path):
+    run_recipe(parse_recipe(tiny_mixture_recipe(), "r"), run_dir=tmp_path / "run")
+    run_recipe(parse_recipe(tiny_mixture_recipe(**{"optim.lr_gen": 5e-4}), "r"), run_dir=tmp_path / "run", force=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "manifest.json").is_file()
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    run_recipe(parse_recipe(tiny_mixture_recipe(), "r"), run_dir=tmp_path / "run")
+    longer = parse_recipe(tiny_mixture_recipe(duration=1280), "r")
+    _, summary = run_recipe(longer, run_dir=tmp_path / "run", resume=True)
+    assert summary["images"] == 1280
+    assert list((tmp_path / "run").glob("recipe.*.yaml"))  # the previous recipe is kept
+
+
+def test_disk_full_leaves_no_partial_files(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt.safetensors"
+    storage.atomic_save_safetensors(target, {"a": torch.ones(3)}, {})
+    before = target.read_bytes()
+
+    def full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "save_file", full)
+    with pytest.raises(OSError):
+        storage.atomic_save_safetensors(target, {"a": torch.zeros(1000)}, {})
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+
+
+def test_two_processes_cannot_share_a_run_directory(tmp_path):
+    from emdctl.runs import RunDir
+
+    a, b = RunDir(tmp_path / "run"), RunDir(tmp_path / "run")
+    a.lock()
+    try:
+        with pytest.raises(UserError, match="another emdctl process"):
+            b.lock()
+    finally:
+        a.unlock()
+
+
+def test_teacher_resolution_mismatch(tmp_path, shared_data):
+    data = tiny_mixture_recipe()
+    data["teacher"] = {"kind": "ddpm-pulfer", "path": str(shared_data / "teachers/ddpm_mnist_pulfer_myunet.pt"),
+                       "resolution": 32}
+    with pytest.raises(UserError, match="teacher.resolution: the recipe expects 32x32"):
+        run_recipe(parse_recipe(data, "r"), run_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize("case", ["empty", "non-square", "not-images"])
+def test_bad_datasets(tmp_path, case):
+    from PIL import Image
+
+    from emdctl.data import open_dataset
+
+    d = tmp_path / "data"
+    d.mkdir()
+    if case == "non-square":
+        Image.new("RGB", (8, 6)).save(d / "a.png")
+    if case == "not-images":
+        (d / "a.png").write_bytes(b"not a png")
+    with pytest.raises(UserError):
+        ds = open_dataset(d)
+        ds[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzzing: no input crashes with a traceback; every rejection is a UserError.
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=8))
+trees = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=8), c,
+                                                                                           max_size=3)), max_leaves=10)
+KEYS = ["teacher", "method", "optim", "batch", "duration", "ema", "precision", "logging", "checkpoint", "nan",
+        "generator", "fake_score", "seed", "device", "name", "kind"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(KEYS), trees, max_size=6), st.sampled_from([None, "distill", "teacher-train"]))
+def test_fuzz_recipe_loader(fields, kind):
+    data = tiny_mixture_recipe()
+    data.update(fields)
+    if kind:
+        data["kind"] = kind
+    try:
+        parse_recipe(data, "fuzz.yaml")
+    except UserError as e:
+        assert e.message and "Traceback" not in e.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_recipe_yaml_text(text):
+    import tempfile
+    from pathlib import Path
+
+    from emdctl.recipe import load_recipe
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "r.yaml"
+        p.write_text(text)
+        try:
+            load_recipe(p)
+        except UserError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def a_checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    mgr = CheckpointManager(tmp, keep=2)
+    path = mgr.save({"net.generator.w": torch.randn(4, 4), "optim.gen.0.exp_avg": torch.zeros(4)},
+                    {"images": 64, "iteration": 1, "kind": "distill"})
+    return path.read_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_fuzz_checkpoint_reader(a_checkpoint, data):
+    import tempfile
+    from pathlib import Path
+
+    raw = bytearray(a_checkpoint)
+    mode = data.draw(st.sampled_from(["truncate", "flip", "random"]))
+    if mode == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    elif mode == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.integers(0, 255))
+    else:
+        raw = bytearray(data.draw(st.binary(max_size=300)))
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "ckpt-000000000064.safetensors"
+        p.write_bytes(bytes(raw))
+        try:
+            load_checkpoint(p, entries=[])
+        except UserError:
+            pass
