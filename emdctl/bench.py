@@ -28,8 +28,12 @@ NETS = {
     "ddpmpp": ("ddpmpp", (3, 32, 32), 10, {"augment_dim": 9}),
     "adm": ("adm", (3, 64, 64), 1000, {}),
     "ncsnpp": ("ncsnpp", (3, 32, 32), 10, {}),
-    "tiny": ("ddpmpp", (3, 16, 16), 0, {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
-                                         "attn_resolutions": [8]}),
+    "tiny": (
+        "ddpmpp",
+        (3, 16, 16),
+        0,
+        {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8]},
+    ),
     "mlp": ("mlp", (2,), 0, {}),
 }
 
@@ -77,8 +81,13 @@ def _inputs(den, batch, device):
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn((batch, *den.img_shape), device=device, generator=g)
     sigma = torch.exp(torch.randn(batch, device=device, generator=g) * 1.2 - 1.2)
-    labels = torch.nn.functional.one_hot(torch.randint(den.label_dim, (batch,), device=device, generator=g),
-                                         den.label_dim).float() if den.label_dim else None
+    labels = (
+        torch.nn.functional.one_hot(
+            torch.randint(den.label_dim, (batch,), device=device, generator=g), den.label_dim
+        ).float()
+        if den.label_dim
+        else None
+    )
     return x, sigma, labels
 
 
@@ -86,24 +95,45 @@ def _emd_method(den, variant: Variant, batch, K, device):
     from .methods import EMD
 
     state = {k: v.detach().clone() for k, v in den.state_dict().items()}
-    teacher = Teacher(denoiser=copy.deepcopy(den).eval().requires_grad_(False), source="bench",
-                      student_config=den.config(), init_weights=lambda: state)
-    recipe = parse_recipe({
-        "kind": "distill", "name": "bench", "device": device.type,
-        "teacher": {"kind": "pretrained", "path": "unused"},
-        "method": {"name": "emd", "langevin": {"steps": K, "gamma_eps": 0.1,
-                                               "fused_update": "on" if variant.fused else "off"}},
-        "batch": {"size": batch},
-        "precision": {"dtype": variant.dtype, "compile": variant.compile, "channels_last": variant.channels_last},
-    }, "bench")
+    teacher = Teacher(
+        denoiser=copy.deepcopy(den).eval().requires_grad_(False),
+        source="bench",
+        student_config=den.config(),
+        init_weights=lambda: state,
+    )
+    recipe = parse_recipe(
+        {
+            "kind": "distill",
+            "name": "bench",
+            "device": device.type,
+            "teacher": {"kind": "pretrained", "path": "unused"},
+            "method": {
+                "name": "emd",
+                "langevin": {"steps": K, "gamma_eps": 0.1, "fused_update": "on" if variant.fused else "off"},
+            },
+            "batch": {"size": batch},
+            "precision": {"dtype": variant.dtype, "compile": variant.compile, "channels_last": variant.channels_last},
+        },
+        "bench",
+    )
     m = EMD(recipe, teacher, DistContext(device=device))
     m.initialize()
     return m
 
 
-def run_bench(net: str = "tiny", batch: int = 8, K: int = 8, device_name: str = "auto", dtype: str = "bf16",
-              compile: bool = True, channels_last: bool = True, fused: bool = True, iters: int = 5, warmup: int = 2,
-              sections=("forward", "backward", "emd", "langevin", "sample")) -> dict:
+def run_bench(
+    net: str = "tiny",
+    batch: int = 8,
+    K: int = 8,
+    device_name: str = "auto",
+    dtype: str = "bf16",
+    compile: bool = True,
+    channels_last: bool = True,
+    fused: bool = True,
+    iters: int = 5,
+    warmup: int = 2,
+    sections=("forward", "backward", "emd", "langevin", "sample"),
+) -> dict:
     if net not in NETS:
         raise UserError(f"--net {net!r}: allowed values are {', '.join(NETS)}")
     if batch < 1 or iters < 1 or K < 0:
@@ -115,7 +145,10 @@ def run_bench(net: str = "tiny", batch: int = 8, K: int = 8, device_name: str = 
     conf = Variant(
         f"{dtype}{' +compile' if compile and on_gpu else ''}{' +channels_last' if channels_last else ''}"
         f"{' +fused' if fused and on_gpu else ''}",
-        dtype, compile and on_gpu, channels_last and len(NETS[net][1]) == 3, fused and on_gpu,
+        dtype,
+        compile and on_gpu,
+        channels_last and len(NETS[net][1]) == 3,
+        fused and on_gpu,
     )
     results: dict[str, dict] = {}
 
@@ -194,8 +227,16 @@ def run_bench(net: str = "tiny", batch: int = 8, K: int = 8, device_name: str = 
         record("one-step sampling", "img/s", batch, sample)
     den = _denoiser(net, base, "cpu" if not on_gpu else device)
     info = {
-        "net": net, "parameters": count_parameters(den), "batch": batch, "K": K, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu", "torch": torch.__version__,
-        "baseline": base.name, "configured": conf.name, "iters": iters, "warmup": warmup,
+        "net": net,
+        "parameters": count_parameters(den),
+        "batch": batch,
+        "K": K,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "torch": torch.__version__,
+        "baseline": base.name,
+        "configured": conf.name,
+        "iters": iters,
+        "warmup": warmup,
     }
     return {"info": info, "results": results}

@@ -52,7 +52,7 @@ def restore_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict[str, 
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(prefix):
-            pid, field = key[len(prefix):].split(".", 1)
+            pid, field = key[len(prefix) :].split(".", 1)
             state.setdefault(int(pid), {})[field] = value
     for pid, fields in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(fields)
@@ -107,7 +107,7 @@ class CheckpointManager:
             }
         )
         entries.sort(key=lambda e: e["images"])
-        kept, dropped = entries[-self.keep:], entries[: -self.keep]
+        kept, dropped = entries[-self.keep :], entries[: -self.keep]
         self._write_manifest(kept)
         for e in dropped:
             (self.dir / e["file"]).unlink(missing_ok=True)
@@ -149,5 +149,5 @@ def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tens
 
 
 def restore_module(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     load_state_strict(module, sub, f"{source} [{prefix}]")

@@ -28,6 +28,8 @@ evaluate_app = typer.Typer(no_args_is_help=True, help="FID/KID/IS/precision-reca
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(evaluate_app, name="evaluate")
+demo_app = typer.Typer(no_args_is_help=True, help="Demonstrations: EMD vs Diff-Instruct on the same budget.")
+app.add_typer(demo_app, name="demo")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -176,10 +178,16 @@ def sample(
     seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0-49999 or 0,5,7 (one image per seed).")] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass (does not change the pixels).")] = 256,
     steps: Annotated[int, typer.Option(help="Sampling steps: 1 for a one-step generator; teacher: solver steps.")] = 1,
-    fmt: Annotated[str, typer.Option("--format", help="png (sub-folders of 1000), npz ([N,H,W,C] uint8) or both.")] = "png",
-    class_label: Annotated[int | None, typer.Option("--class", help="Fixed class label (default: random per seed).")] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="png (sub-folders of 1000), npz ([N,H,W,C] uint8) or both.")
+    ] = "png",
+    class_label: Annotated[
+        int | None, typer.Option("--class", help="Fixed class label (default: random per seed).")
+    ] = None,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights of a run.")] = True,
-    teacher: Annotated[Path | None, typer.Option(help="Sample the teacher named by this distillation recipe instead.")] = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="Sample the teacher named by this distillation recipe instead.")
+    ] = None,
     sampler: Annotated[str, typer.Option(help="Teacher sampler: auto, heun, euler or ddpm.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
@@ -194,10 +202,13 @@ def sample(
         raise UserError(f"--sampler {sampler!r}: allowed values are auto, heun, euler, ddpm")
     if steps < 1:
         raise UserError("--steps must be at least 1")
-    summary = sample_command(source, teacher, _seeds(seeds, n), out_dir, batch, steps, fmt, class_label, ema,
-                             sampler, device)
+    summary = sample_command(
+        source, teacher, _seeds(seeds, n), out_dir, batch, steps, fmt, class_label, ema, sampler, device
+    )
     rate = summary.get("images_per_s")
-    out.print(f"{summary['images']} images in {out_dir}" + (f" ({rate:.1f} img/s)" if rate else " (all shards were done)"))
+    out.print(
+        f"{summary['images']} images in {out_dir}" + (f" ({rate:.1f} img/s)" if rate else " (all shards were done)")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +220,9 @@ def sample(
 def export(
     source: Annotated[Path, typer.Argument(help="A run directory (or an exported generator directory).")],
     fmt: Annotated[str, typer.Option("--format", help="safetensors, onnx or torchscript.")] = "safetensors",
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory (default: SOURCE/export-FORMAT).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (default: SOURCE/export-FORMAT).")
+    ] = None,
     ema: Annotated[bool, typer.Option(help="Export the EMA weights (default) or the raw generator.")] = True,
 ):
     """Export the generator: weights + JSON config (safetensors), or a portable ONNX/TorchScript module."""
@@ -226,17 +239,27 @@ def export(
 # evaluate
 
 
-FeaturesOpt = Annotated[str, typer.Option(help="Feature space: inception, or classifier:PATH (offline, emdctl-trained).")]
+FeaturesOpt = Annotated[
+    str, typer.Option(help="Feature space: inception, or classifier:PATH (offline, emdctl-trained).")
+]
 WeightsOpt = Annotated[Path | None, typer.Option(help="Inception-v3 weights file (torch-fidelity's or pytorch-fid's).")]
 
 
 def _metric_command(metric: str):
     def command(
-        source: Annotated[Path, typer.Argument(help="A run/generator directory, image folder, npz, EDM zip or MNIST idx.")],
-        ref: Annotated[Path | None, typer.Option(help="Reference: a dataset or statistics from `evaluate ref`.")] = None,
+        source: Annotated[
+            Path, typer.Argument(help="A run/generator directory, image folder, npz, EDM zip or MNIST idx.")
+        ],
+        ref: Annotated[
+            Path | None, typer.Option(help="Reference: a dataset or statistics from `evaluate ref`.")
+        ] = None,
         features: FeaturesOpt = "inception",
-        n: Annotated[int, typer.Option("--n", help="Samples per seed range (generators) or images used (datasets).")] = 50000,
-        seeds: Annotated[list[str] | None, typer.Option(help="Seed ranges (repeatable; min and mean reported).")] = None,
+        n: Annotated[
+            int, typer.Option("--n", help="Samples per seed range (generators) or images used (datasets).")
+        ] = 50000,
+        seeds: Annotated[
+            list[str] | None, typer.Option(help="Seed ranges (repeatable; min and mean reported).")
+        ] = None,
         batch: Annotated[int, typer.Option(help="Batch size.")] = 256,
         steps: Annotated[int, typer.Option(help="Sampling steps of the generator.")] = 1,
         ema: Annotated[bool, typer.Option(help="Use a run's EMA weights.")] = True,
@@ -247,8 +270,9 @@ def _metric_command(metric: str):
         from .evaluation.report import evaluate_and_report
 
         ranges = [_seeds(s, None) for s in seeds] if seeds else None
-        evaluate_and_report([metric], source, ref, features, n, ranges, batch, device, steps, inception_weights, ema,
-                            json_out, out)
+        evaluate_and_report(
+            [metric], source, ref, features, n, ranges, batch, device, steps, inception_weights, ema, json_out, out
+        )
 
     command.__doc__ = {
         "fid": "Frechet distance (FID in the Inception space) against a reference.",
@@ -286,8 +310,9 @@ def evaluate_ref(
     fs = open_feature_space(features, inception_weights, resolve_device(device))
     ds = open_dataset(dataset, use_labels=False)
     used = min(len(ds), n or len(ds))
-    ref = reference_from_features(features_of_dataset(fs, ds, batch, n, "reference"), fs,
-                                  {"dataset": str(dataset), "images": used})
+    ref = reference_from_features(
+        features_of_dataset(fs, ds, batch, n, "reference"), fs, {"dataset": str(dataset), "images": used}
+    )
     save_reference(ref, out_file)
     out.print(f"wrote {out_file} ({used:,} images, {fs.label})")
 
@@ -310,10 +335,13 @@ def evaluate_train_features(
 
     if epochs < 1 or batch < 1 or lr <= 0:
         raise UserError("--epochs and --batch must be positive and --lr above zero")
-    info = train_feature_net(data, out_file, epochs, batch, lr, seed, str(resolve_device(device)), max_images,
-                             log=lambda m: out.print(m))
-    out.print(f"wrote {info['path']} (held-out accuracy {info['held_out_accuracy']:.4f}); distances in this space "
-              "compare models with each other, not with published FID")
+    info = train_feature_net(
+        data, out_file, epochs, batch, lr, seed, str(resolve_device(device)), max_images, log=lambda m: out.print(m)
+    )
+    out.print(
+        f"wrote {info['path']} (held-out accuracy {info['held_out_accuracy']:.4f}); distances in this space "
+        "compare models with each other, not with published FID"
+    )
 
 
 @evaluate_app.command("modes")
@@ -322,13 +350,100 @@ def evaluate_modes(
     sources: Annotated[list[Path], typer.Argument(help="Run or generator directories of a mixture distillation.")],
     n: Annotated[int, typer.Option("--n", help="Samples per generator.")] = 20000,
     seeds: Annotated[str | None, typer.Option(help="Seeds (default 0..n-1).")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a scatter plot per source here (PNG, one per source).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a scatter plot per source here (PNG, one per source).")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
 ):
     """Per-mode mass, its total variation to the true weights, mode recall and sliced Wasserstein (mixtures)."""
     from .evaluation.report import modes_and_report
 
     modes_and_report(sources, _seeds(seeds, n), plot, json_out, out)
+
+
+@evaluate_app.command("stats")
+@handles_errors
+def evaluate_stats(
+    sources: Annotated[list[Path], typer.Argument(help="Generators (run/export directories) or image sets.")],
+    n: Annotated[int, typer.Option("--n", help="Images per source.")] = 1024,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+):
+    """Pixel statistics: brightness, contrast and the fraction of flat (degenerate) images."""
+    from rich.table import Table
+
+    from .distributed import resolve_device
+    from .evaluation.stats import as_rows, images_of, statistics_table
+    from .storage import atomic_write_json
+
+    dev = resolve_device(device)
+    stats = statistics_table({str(s): images_of(s, n, device=dev) for s in sources})
+    table = Table(title="pixel statistics (grey levels 0-255; flat = per-image std < 10)")
+    table.add_column("statistic")
+    for s in stats:
+        table.add_column(s, justify="right")
+    for row in as_rows(stats):
+        table.add_row(*row)
+    out.print(table)
+    if json_out:
+        atomic_write_json(json_out, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+@demo_app.command("mixture")
+@handles_errors
+def demo_mixture_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where both runs and the plots go.")] = Path(
+        "runs/demo-mixture"
+    ),
+    budget: Annotated[str, typer.Option(help="Training images per method (e.g. 1M).")] = "1M",
+    preset: Annotated[
+        str, typer.Option(help="Mixture preset: ring8-unequal, ring8 or grid25-unequal.")
+    ] = "ring8-unequal",
+    k: Annotated[int, typer.Option("--k", help="Langevin steps K of EMD.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of both runs.")] = 0,
+):
+    """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
+    from .demo import demo_mixture
+    from .recipe import _parse_image_count
+
+    if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
+        raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
+    try:
+        images = _parse_image_count(budget)
+    except ValueError as e:
+        raise UserError(f"--budget {budget!r}: {e}") from None
+    demo_mixture(out_dir, images, preset, k, seed, err)
+
+
+@demo_app.command("mnist")
+@handles_errors
+def demo_mnist_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where runs, samples and plots go.")] = Path("runs/demo-mnist"),
+    recipe: Annotated[Path, typer.Option(help="The distillation recipe naming the MNIST teacher.")] = Path(
+        "recipes/mnist.yaml"
+    ),
+    budget: Annotated[str, typer.Option(help="Training images per method.")] = "16k",
+    n: Annotated[int, typer.Option("--n", help="Samples per model for the evaluation.")] = 1024,
+    mnist: Annotated[Path, typer.Option(help="MNIST idx directory (real data and the feature space).")] = Path(
+        "../shared/data/mnist"
+    ),
+    features: Annotated[Path | None, typer.Option(help="A classifier feature file (trained here if absent).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """EMD and Diff-Instruct distil the MNIST DDPM on the same budget; distances to the teacher's own
+    1000-step samples and the fraction of flat images, for the initial generator and both students."""
+    from .demo import demo_mnist
+    from .recipe import _parse_image_count
+
+    try:
+        images = _parse_image_count(budget)
+    except ValueError as e:
+        raise UserError(f"--budget {budget!r}: {e}") from None
+    demo_mnist(out_dir, recipe, images, n, mnist, features, device, err)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +453,9 @@ def evaluate_modes(
 @app.command()
 @handles_errors
 def bench(
-    net: Annotated[str, typer.Option(help="ddpmpp (CIFAR-10, 55.7M), adm (ImageNet-64, 295.9M), ncsnpp, tiny or mlp.")] = "tiny",
+    net: Annotated[
+        str, typer.Option(help="ddpmpp (CIFAR-10, 55.7M), adm (ImageNet-64, 295.9M), ncsnpp, tiny or mlp.")
+    ] = "tiny",
     batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
     k: Annotated[int, typer.Option("--k", help="Langevin steps K of the EMD iteration.")] = 8,
     dtype: Annotated[str, typer.Option(help="Configured precision: fp32, bf16 or fp16 (autocast).")] = "bf16",
@@ -361,16 +478,31 @@ def bench(
         raise UserError(f"--dtype {dtype!r}: allowed values are fp32, bf16, fp16")
     res = run_bench(net, batch, k, device, dtype, compile, channels_last, fused, iters, warmup)
     info = res["info"]
-    table = Table(title=f"{info['net']} ({info['parameters'] / 1e6:.1f}M params), batch {info['batch']}, "
-                        f"{info['device_name']}, torch {info['torch']}")
-    for col in ("measurement", f"baseline: {info['baseline']}", f"configured: {info['configured']}", "ratio",
-                "peak GB (base / conf)"):
+    table = Table(
+        title=f"{info['net']} ({info['parameters'] / 1e6:.1f}M params), batch {info['batch']}, "
+        f"{info['device_name']}, torch {info['torch']}"
+    )
+    for col in (
+        "measurement",
+        f"baseline: {info['baseline']}",
+        f"configured: {info['configured']}",
+        "ratio",
+        "peak GB (base / conf)",
+    ):
         table.add_column(col, justify="left" if col == "measurement" else "right")
     for name, row in res["results"].items():
-        peak = (f"{row['baseline_peak_gb']:.2f} / {row['configured_peak_gb']:.2f}"
-                if row["baseline_peak_gb"] is not None else "-")
-        table.add_row(name, f"{row['baseline']:.2f} {row['unit']}", f"{row['configured']:.2f} {row['unit']}",
-                      f"{row['ratio']:.2f}x", peak)
+        peak = (
+            f"{row['baseline_peak_gb']:.2f} / {row['configured_peak_gb']:.2f}"
+            if row["baseline_peak_gb"] is not None
+            else "-"
+        )
+        table.add_row(
+            name,
+            f"{row['baseline']:.2f} {row['unit']}",
+            f"{row['configured']:.2f} {row['unit']}",
+            f"{row['ratio']:.2f}x",
+            peak,
+        )
     out.print(table)
     if json_out:
         atomic_write_json(json_out, res)

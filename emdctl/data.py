@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -87,6 +88,7 @@ class EDMZipDataset(ImageDataset):
             raise UserError(f"{self.path}: not a readable dataset zip ({e})") from None
         self.names = names
         self._zip = None
+        self._zip_pid = None
         self._limit(len(names))
         labels = (meta or {}).get("labels")
         if use_labels and labels:
@@ -100,8 +102,10 @@ class EDMZipDataset(ImageDataset):
         return {**self.__dict__, "_zip": None}  # each DataLoader worker opens its own handle
 
     def image(self, i):
-        if self._zip is None:
+        # A handle inherited through fork shares its file offset with the parent: reopen per process.
+        if self._zip is None or self._zip_pid != os.getpid():
             self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
         return _decode(self._zip.read(self.names[i]), f"{self.path}:{self.names[i]}")
 
 
@@ -130,7 +134,7 @@ def _read_idx_header(raw: bytes, where: str) -> tuple[int, tuple]:
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code != 0x08:
         raise UserError(f"{where}: only uint8 idx files are supported")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return 4 + 4 * ndim, dims
 
 
@@ -142,7 +146,9 @@ class MNISTDataset(ImageDataset):
     def __init__(self, path: Path, max_images=None, use_labels=True, split="train"):
         path = Path(path)
         if path.is_dir():
-            candidates = [path / f"{split if split == 'train' else 't10k'}-images-idx3-ubyte{ext}" for ext in (".gz", "")]
+            candidates = [
+                path / f"{split if split == 'train' else 't10k'}-images-idx3-ubyte{ext}" for ext in (".gz", "")
+            ]
             found = [c for c in candidates if c.exists()]
             if not found:
                 raise UserError(f"{path}: no {candidates[0].name} in this directory")
@@ -173,7 +179,9 @@ class MNISTDataset(ImageDataset):
         if path.suffix != ".gz":
             raw_path = path
         else:
-            key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+            key = hashlib.sha256(
+                f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()
+            ).hexdigest()[:16]
             raw_path = cache_dir() / "idx" / f"{path.stem}-{key}"
             if not raw_path.exists():
                 from .storage import atomic_path
@@ -237,8 +245,9 @@ def detect_format(path: Path) -> str:
 FORMATS = {"edm-zip": EDMZipDataset, "folder": FolderDataset, "mnist": MNISTDataset, "npz": NpzDataset}
 
 
-def open_dataset(path: Path, fmt: str = "auto", use_labels: bool = True, max_images: int | None = None,
-                 resolution: int | None = None) -> ImageDataset:
+def open_dataset(
+    path: Path, fmt: str = "auto", use_labels: bool = True, max_images: int | None = None, resolution: int | None = None
+) -> ImageDataset:
     fmt = detect_format(path) if fmt == "auto" else fmt
     ds = FORMATS[fmt](Path(path), max_images=max_images, use_labels=use_labels)
     c, h, w = ds.shape()

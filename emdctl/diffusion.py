@@ -109,8 +109,9 @@ def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: flo
 # Generator-loss weightings w(sigma) for EMD and Diff-Instruct
 
 
-def generator_weight(kind: str, sigma: torch.Tensor, x0: torch.Tensor | None = None,
-                     d_teacher: torch.Tensor | None = None) -> torch.Tensor:
+def generator_weight(
+    kind: str, sigma: torch.Tensor, x0: torch.Tensor | None = None, d_teacher: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-sample w(sigma) for the generator loss, shape [N].
 
     'sigma2': w = sigma^2, which turns the Diff-Instruct direction alpha * Delta into

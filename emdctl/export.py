@@ -52,16 +52,30 @@ def _example_inputs(gen: OneStepGenerator, batch: int = 2):
 
 
 def export_onnx(portable: PortableGenerator, gen: OneStepGenerator, path: Path) -> None:
+    """torch.export-based ONNX export with a dynamic batch dimension."""
     z, labels = _example_inputs(gen)
-    args = (z, labels) if labels is not None else (z,)
-    names = ["z", "labels"] if labels is not None else ["z"]
-    dyn = {"z": {0: "batch"}, **({"labels": {0: "batch"}} if labels is not None else {})}
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    if labels is not None:
+        args, names, shapes = (z, labels), ["z", "labels"], ({0: batch}, {0: batch})
+    else:
+        args, names, shapes = (z,), ["z"], ({0: batch},)
     try:
         with atomic_path(path) as tmp:
-            torch.onnx.export(portable, args, str(tmp), input_names=names, output_names=["images"],
-                              dynamic_axes=dyn, dynamo=False, opset_version=17)
+            torch.onnx.export(
+                portable,
+                args,
+                str(tmp),
+                input_names=names,
+                output_names=["images"],
+                dynamic_shapes=shapes,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
     except ImportError as e:
-        raise UserError(f"ONNX export needs the onnx package ({e}); pip install 'emdctl[onnx]'") from None
+        raise UserError(
+            f"ONNX export needs the onnx and onnxscript packages ({e}); pip install 'emdctl[onnx]'"
+        ) from None
 
 
 def verify_onnx(portable: PortableGenerator, gen: OneStepGenerator, path: Path, batch: int = 3) -> dict | None:

@@ -57,7 +57,9 @@ def _verify(path: Path, expected: str | None) -> None:
     if record.is_file():
         recorded = record.read_text().split()[0] if record.read_text().strip() else ""
         if recorded and recorded != actual:
-            raise UserError(f"{path}: changed since it was downloaded (sha256 {actual} != recorded {recorded}); delete it")
+            raise UserError(
+                f"{path}: changed since it was downloaded (sha256 {actual} != recorded {recorded}); delete it"
+            )
     else:
         atomic_write(record, f"{actual}  {path.name}\n")
 
@@ -68,7 +70,9 @@ def fetch(url: str, sha256: str | None = None, what: str = "file") -> Path:
     if path.is_file():
         _verify(path, sha256)
         return path
-    hint = f"download {url} on a machine with internet access and put it at {path} (or point the recipe at a local copy)"
+    hint = (
+        f"download {url} on a machine with internet access and put it at {path} (or point the recipe at a local copy)"
+    )
     if offline():
         raise UserError(f"the {what} is not in the cache and EMDCTL_OFFLINE is set: {hint}")
     path.parent.mkdir(parents=True, exist_ok=True)

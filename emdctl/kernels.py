@@ -32,9 +32,22 @@ def _kernel():
 
     @triton.jit
     def langevin_eps_update(
-        dt_ptr, df_ptr, eps_ptr, ledger_ptr, sigma_ptr, noise_ptr, stats_ptr,
-        numel_per_row, n_elements, gamma, noise_scale, seed, row_offset,
-        PRIOR_PULL: tl.constexpr, GENERATE: tl.constexpr, BLOCK: tl.constexpr,
+        dt_ptr,
+        df_ptr,
+        eps_ptr,
+        ledger_ptr,
+        sigma_ptr,
+        noise_ptr,
+        stats_ptr,
+        numel_per_row,
+        n_elements,
+        gamma,
+        noise_scale,
+        seed,
+        row_offset,
+        PRIOR_PULL: tl.constexpr,
+        GENERATE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
@@ -93,9 +106,22 @@ def fused_eps_update(
     noise_arg = noise.to(torch.float32).contiguous() if noise is not None else eps
     grid = (triton.cdiv(n, block),)
     kernel[grid](
-        d_teacher, d_fake, eps, ledger, sig, noise_arg, stats,
-        per_row, n, float(gamma), math.sqrt(2 * gamma), int(seed) & 0x7FFFFFFF, int(row_offset),
-        PRIOR_PULL=bool(prior_pull), GENERATE=noise is None, BLOCK=block,
+        d_teacher,
+        d_fake,
+        eps,
+        ledger,
+        sig,
+        noise_arg,
+        stats,
+        per_row,
+        n,
+        float(gamma),
+        math.sqrt(2 * gamma),
+        int(seed) & 0x7FFFFFFF,
+        int(row_offset),
+        PRIOR_PULL=bool(prior_pull),
+        GENERATE=noise is None,
+        BLOCK=block,
     )
     return eps, ledger, (stats[0] / n).sqrt(), (stats[1] / n).sqrt()
 

@@ -33,7 +33,9 @@ def save_image_grid(x: torch.Tensor, path: Path, nrow: int | None = None, pad: i
     canvas = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = x[
+            i
+        ]
     arr = canvas.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
     _save(img, Path(path))
@@ -82,8 +84,14 @@ def _fmt(v):
     return f"{v:g}"
 
 
-def save_scatter(points: torch.Tensor, path: Path, reference: torch.Tensor | None = None, means=None,
-                 title: str | None = None, size: int = 560) -> None:
+def save_scatter(
+    points: torch.Tensor,
+    path: Path,
+    reference: torch.Tensor | None = None,
+    means=None,
+    title: str | None = None,
+    size: int = 560,
+) -> None:
     """2-D samples (blue) over reference samples (grey) and mode centres (red crosses)."""
     pts = points.detach().float().cpu()
     allpts = pts if reference is None else torch.cat([pts, reference.float()])
@@ -135,7 +143,12 @@ def save_curves(records: list[dict], keys: list[str], path: Path, x_key: str = "
         ylo, yhi = min(ys), max(ys)
         if yhi == ylo:
             ylo, yhi = ylo - 1, yhi + 1
-        ax = _Axes(draw, (ox + 60, oy + 24, ox + w - 16, oy + h - 40), (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1), (ylo, yhi))
+        ax = _Axes(
+            draw,
+            (ox + 60, oy + 24, ox + w - 16, oy + h - 40),
+            (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1),
+            (ylo, yhi),
+        )
         line = [ax.px(x, y) for x, y in pts]
         if len(line) > 1:
             draw.line(line, fill=PALETTE[i % len(PALETTE)], width=2)

@@ -135,7 +135,7 @@ class TeacherFit(Strict):
 
 class MixtureTeacher(Strict):
     kind: Literal["mixture"]
-    preset: Literal["ring8-unequal", "ring8", "two-moons-gauss"] | None = None
+    preset: Literal["ring8-unequal", "ring8", "grid25-unequal"] | None = None
     mixture: MixtureSpec | None = None
     network: MLPNetwork = MLPNetwork()
     fit: TeacherFit = TeacherFit()

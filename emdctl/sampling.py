@@ -1,8 +1,11 @@
 """Generation at scale: `emdctl sample`.
 
-Every image is a function of its seed alone (rng.PerSeedRandom): the same pixels at any batch size
-and any number of processes. Seeds are processed in shards of 1000; a finished shard is recorded
-and skipped when the command is re-run, so an interrupted job resumes. Outputs:
+Every image is a function of its seed alone: its latents and noise come from its own generator
+(rng.PerSeedRandom), and the network is always evaluated on chunks of exactly SAMPLING_CHUNK rows
+(the last chunk padded), because GPU and CPU kernels are not batch-size invariant at the last bit.
+So the pixels are the same at any --batch and any number of processes. Seeds are processed in
+shards of 1000; a finished shard is recorded and skipped when the command is re-run, so an
+interrupted job resumes. Outputs:
 
 * PNG: OUT/<seed // 1000 * 1000>/<seed>.png (NVlabs/edm's generate.py layout);
 * npz: OUT/samples.npz with arr_0 = uint8 [N, H, W, C] (the ADM/EDM evaluation layout) and, for
@@ -28,6 +31,19 @@ from .rng import PerSeedRandom
 from .storage import atomic_path, atomic_write_json
 
 SHARD = 1000
+SAMPLING_CHUNK = 64  # rows per network call, fixed: the numerics of a call depend on its shape
+
+
+def in_chunks(fn: Callable, seeds: list[int], chunk: int = SAMPLING_CHUNK):
+    """fn(seeds) -> (x, labels) evaluated on fixed-size chunks (padded with repeats of the last seed)."""
+    xs, ys = [], []
+    for i in range(0, len(seeds), chunk):
+        part = seeds[i : i + chunk]
+        x, y = fn(part + [part[-1]] * (chunk - len(part)))
+        xs.append(x[: len(part)])
+        if y is not None:
+            ys.append(y[: len(part)])
+    return torch.cat(xs), (torch.cat(ys) if ys else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +116,11 @@ def generator_sampler(gen: OneStepGenerator, steps: int, class_label: int | None
         z = rng.randn(gen.img_shape)
         labels = None
         if gen.label_dim:
-            idx = rng.randint(gen.label_dim) if class_label is None else torch.full((len(seeds),), class_label, device=device)
+            idx = (
+                rng.randint(gen.label_dim)
+                if class_label is None
+                else torch.full((len(seeds),), class_label, device=device)
+            )
             labels = torch.nn.functional.one_hot(idx, gen.label_dim).float()
         return gen.sample(z, labels, steps=steps, rng=rng).float(), labels
 
@@ -140,19 +160,25 @@ def run_sampling(
     is_image = info["data"].get("kind") == "image"
     want_png = fmt in ("png", "both") and is_image
     want_npz = fmt in ("npz", "both") or not is_image
-    shards = [seeds[i: i + SHARD] for i in range(0, len(seeds), SHARD)]
+    shards = [seeds[i : i + SHARD] for i in range(0, len(seeds), SHARD)]
     mine = [(i, s) for i, s in enumerate(shards) if i % world == rank]
     todo = [(i, s) for i, s in mine if not (state_dir / f"shard-{i:06d}.done").exists()]
     done_before = sum(len(s) for _, s in mine) - sum(len(s) for _, s in todo)
     t0 = time.time()
-    bar = tqdm(total=sum(len(s) for _, s in mine), initial=done_before, unit="img", disable=not show_progress,
-               desc="sampling", dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(s) for _, s in mine),
+        initial=done_before,
+        unit="img",
+        disable=not show_progress,
+        desc="sampling",
+        dynamic_ncols=True,
+    )
     with ThreadPoolExecutor(max_workers=8) as pool:
         for i, shard_seeds in todo:
             chunks_x, chunks_y = [], []
             for b in range(0, len(shard_seeds), batch):
-                part = shard_seeds[b: b + batch]
-                x, labels = fn(part)
+                part = shard_seeds[b : b + batch]
+                x, labels = in_chunks(fn, part)
                 x = x.cpu()
                 if is_image:
                     arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
@@ -179,8 +205,12 @@ def run_sampling(
     bar.close()
     elapsed = time.time() - t0
     generated = sum(len(s) for _, s in todo)
-    summary = {"images": len(seeds), "generated_now": generated, "seconds": elapsed,
-               "images_per_s": generated / elapsed if elapsed > 0 else None}
+    summary = {
+        "images": len(seeds),
+        "generated_now": generated,
+        "seconds": elapsed,
+        "images_per_s": generated / elapsed if elapsed > 0 else None,
+    }
     if rank == 0 and all((state_dir / f"shard-{i:06d}.done").exists() for i in range(len(shards))):
         if want_npz:
             summary["npz"] = str(assemble_npz(out_dir, len(shards)))
@@ -195,8 +225,12 @@ def _preview(out_dir: Path, shards, state_dir: Path, is_image: bool, have_npz: b
         with np.load(state_dir / "shard-000000.npz") as z:
             x = torch.from_numpy(z["x"][: len(first)])
     else:
-        x = torch.stack([torch.from_numpy(np.array(Image.open(out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png")))
-                         for s in first])
+        x = torch.stack(
+            [
+                torch.from_numpy(np.array(Image.open(out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png")))
+                for s in first
+            ]
+        )
         x = x[..., None] if x.ndim == 3 else x
     if is_image:
         save_image_grid(x.permute(0, 3, 1, 2).contiguous(), out_dir / "grid.png")
@@ -223,9 +257,20 @@ def assemble_npz(out_dir: Path, num_shards: int) -> Path:
     return path
 
 
-def sample_command(source: Path | None, teacher_recipe: Path | None, seeds: list[int], out_dir: Path, batch: int,
-                   steps: int, fmt: str, class_label: int | None, use_ema: bool, sampler: str, device_name: str,
-                   show_progress: bool = True) -> dict:
+def sample_command(
+    source: Path | None,
+    teacher_recipe: Path | None,
+    seeds: list[int],
+    out_dir: Path,
+    batch: int,
+    steps: int,
+    fmt: str,
+    class_label: int | None,
+    use_ema: bool,
+    sampler: str,
+    device_name: str,
+    show_progress: bool = True,
+) -> dict:
     """What `emdctl sample` does after parsing."""
     from . import distributed
 
@@ -240,13 +285,19 @@ def sample_command(source: Path | None, teacher_recipe: Path | None, seeds: list
             if class_label is not None and not (0 <= class_label < gen.label_dim):
                 raise UserError(f"--class {class_label}: the generator has {gen.label_dim} classes")
             fn = generator_sampler(gen, steps, class_label, dist.device)
-            info = {"img_shape": list(gen.img_shape), "label_dim": gen.label_dim, "data": cfg.get("data", {}),
-                    "generator": str(source), "steps": steps, "ema": use_ema}
+            info = {
+                "img_shape": list(gen.img_shape),
+                "label_dim": gen.label_dim,
+                "data": cfg.get("data", {}),
+                "generator": str(source),
+                "steps": steps,
+                "ema": use_ema,
+            }
         with torch.no_grad():
-            summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
-                                   show_progress and dist.is_main)
+            summary = run_sampling(
+                fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size, show_progress and dist.is_main
+            )
         dist.barrier()
         return summary
     finally:
         distributed.shutdown()
-

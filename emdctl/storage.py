@@ -187,4 +187,3 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
 
 def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in module.state_dict().items()}
-

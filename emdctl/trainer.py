@@ -84,7 +84,9 @@ class Trainer:
         for name, opt in self.method.optimizers().items():
             if name not in meta.get("optimizers", {}):
                 raise UserError(f"{source}: has no state for optimizer {name!r}")
-            restore_optimizer(name, opt, {k: v.to(self.dist.device) for k, v in tensors.items()}, meta["optimizers"][name])
+            restore_optimizer(
+                name, opt, {k: v.to(self.dist.device) for k, v in tensors.items()}, meta["optimizers"][name]
+            )
         self.iteration = int(meta["iteration"])
         self.images = int(meta["images"])
         self.nan_skipped = int(meta.get("nan_skipped", 0))
@@ -109,7 +111,9 @@ class Trainer:
         if self._stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._stop_signal = signum
-        self.console.print(f"[yellow]received {signal.Signals(signum).name}: finishing this iteration, then checkpointing[/]")
+        self.console.print(
+            f"[yellow]received {signal.Signals(signum).name}: finishing this iteration, then checkpointing[/]"
+        )
 
     def _install_signals(self):
         previous = {}
@@ -164,7 +168,9 @@ class Trainer:
                     done = self.images >= r.duration
                     if _crossed(before, self.images, r.logging.every) or done:
                         now = time.time()
-                        record = self.metrics_record(accum, accum_n, (self.images - images_last) / max(now - t_last, 1e-9))
+                        record = self.metrics_record(
+                            accum, accum_n, (self.images - images_last) / max(now - t_last, 1e-9)
+                        )
                         accum, accum_n, t_last, images_last = {}, 0, now, self.images
                         if self.dist.is_main:
                             self.run.append_metrics(record)
@@ -195,7 +201,9 @@ class Trainer:
             out = self.method.export(self.run.root / self.export_name())
             summary["exported"] = str(out)
             records = self.run.read_metrics()
-            keys = sorted({k for rec in records for k in rec if k.startswith(("loss/", "grad_norm/", "langevin/", "di/"))})
+            keys = sorted(
+                {k for rec in records for k in rec if k.startswith(("loss/", "grad_norm/", "langevin/", "di/"))}
+            )
             save_curves(records, keys, self.run.root / "curves.png")
             atomic_write_json(self.run.root / "summary.json", summary)
             self.log(f"done: {self.images:,} images; exported {out}")
@@ -212,14 +220,22 @@ class Trainer:
         self.nan_skipped += 1
         self.consecutive_skips += 1
         if nan.policy == "skip" and self.consecutive_skips <= nan.max_skips:
-            self.log(f"[yellow]iteration {self.iteration}: {e.quantity} is {e.value}; step skipped ({self.nan_skipped} so far)[/]")
+            self.log(
+                f"[yellow]iteration {self.iteration}: {e.quantity} is {e.value}; "
+                f"step skipped ({self.nan_skipped} so far)[/]"
+            )
             return {"nan/skipped": torch.tensor(1.0)}
         diag = self.run.root / f"nonfinite-{self.iteration:09d}.json"
         if self.dist.is_main:
             atomic_write_json(
                 diag,
-                {"iteration": self.iteration, "images": self.images, "quantity": e.quantity, "value": str(e.value),
-                 "diagnostics": e.diagnostics},
+                {
+                    "iteration": self.iteration,
+                    "images": self.images,
+                    "quantity": e.quantity,
+                    "value": str(e.value),
+                    "diagnostics": e.diagnostics,
+                },
             )
         last = self.ckpt.latest()
         why = "" if nan.policy == "stop" else f" after {nan.max_skips} consecutive skipped steps"
@@ -259,8 +275,13 @@ class Trainer:
         if not (self.recipe.logging.progress and self.dist.is_main and self.console.is_terminal):
             return _NoProgress()
         return Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-            TimeRemainingColumn(), console=self.console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
 
 
@@ -283,9 +304,14 @@ class _NoProgress:
         pass
 
 
-
-def run_recipe(recipe, run_dir: Path | None = None, runs_root: Path = Path("runs"), resume: bool = False,
-               force: bool = False, console: Console | None = None) -> tuple[RunDir, dict]:
+def run_recipe(
+    recipe,
+    run_dir: Path | None = None,
+    runs_root: Path = Path("runs"),
+    resume: bool = False,
+    force: bool = False,
+    console: Console | None = None,
+) -> tuple[RunDir, dict]:
     """Everything `emdctl distill` / `emdctl teacher train` do after parsing: set up the process
     group, the run directory and the method, then train (resuming when a checkpoint exists)."""
     from . import distributed, runs
@@ -312,8 +338,9 @@ def run_recipe(recipe, run_dir: Path | None = None, runs_root: Path = Path("runs
                     console.print(f"teacher: {teacher.source}", highlight=False)
             method = build_method(recipe, dist, teacher)
             if dist.is_main:
-                console.print(f"run directory: {run.root}  (device {dist.device}, {dist.world_size} process(es))",
-                              highlight=False)
+                console.print(
+                    f"run directory: {run.root}  (device {dist.device}, {dist.world_size} process(es))", highlight=False
+                )
             summary = Trainer(recipe, method, run, console).run_training()
         finally:
             run.unlock()

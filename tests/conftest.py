@@ -40,6 +40,21 @@ def shared_data() -> Path:
     return d
 
 
+def make_generator(path: Path, arch: str = "ddpmpp", shape=(3, 16, 16), label_dim: int = 0, attn=(8,)) -> Path:
+    """A small image generator with perturbed (non-trivial) weights, saved as a model directory."""
+    from emdctl.generator import OneStepGenerator
+    from emdctl.networks import build_denoiser, preset_config
+
+    width = 32 if arch == "adm" else 16
+    kwargs = dict(model_channels=width, channel_mult=[1, 2], num_blocks=1, attn_resolutions=list(attn), dropout=0.0)
+    torch.manual_seed(0)
+    den = build_denoiser(preset_config(arch, "edm", shape, label_dim, kwargs))
+    for p in den.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    OneStepGenerator(den, 2.5).save_pretrained(path, {"kind": "image", "range": [-1.0, 1.0]})
+    return path
+
+
 def tiny_mixture_recipe(**overrides) -> dict:
     """A distillation recipe that runs in seconds on a CPU."""
     r = {
@@ -47,8 +62,12 @@ def tiny_mixture_recipe(**overrides) -> dict:
         "name": "tiny",
         "seed": 0,
         "device": "cpu",
-        "teacher": {"kind": "mixture", "preset": "ring8-unequal", "network": {"hidden": 32, "layers": 2, "emb_dim": 16},
-                    "fit": {"steps": 30, "batch": 256}},
+        "teacher": {
+            "kind": "mixture",
+            "preset": "ring8-unequal",
+            "network": {"hidden": 32, "layers": 2, "emb_dim": 16},
+            "fit": {"steps": 30, "batch": 256},
+        },
         "generator": {"sigma_init": 2.5},
         "method": {"name": "emd", "langevin": {"steps": 2, "gamma_eps": 0.1}},
         "optim": {"lr_gen": 1e-3, "lr_fake": 1e-3},

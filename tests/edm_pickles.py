@@ -18,14 +18,20 @@ from pathlib import Path
 
 import torch
 
+from emdctl.networks.dhariwal import DhariwalUNet
 from emdctl.networks.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 from emdctl.networks.precond import EDMPrecond
 from emdctl.networks.songunet import SongUNet
-from emdctl.networks.dhariwal import DhariwalUNet
 
 EDM_NAMES = {
-    EDMPrecond: "EDMPrecond", SongUNet: "SongUNet", DhariwalUNet: "DhariwalUNet", UNetBlock: "UNetBlock",
-    Conv2d: "Conv2d", GroupNorm: "GroupNorm", Linear: "Linear", PositionalEmbedding: "PositionalEmbedding",
+    EDMPrecond: "EDMPrecond",
+    SongUNet: "SongUNet",
+    DhariwalUNet: "DhariwalUNet",
+    UNetBlock: "UNetBlock",
+    Conv2d: "Conv2d",
+    GroupNorm: "GroupNorm",
+    Linear: "Linear",
+    PositionalEmbedding: "PositionalEmbedding",
     FourierEmbedding: "FourierEmbedding",
 }
 
@@ -59,7 +65,9 @@ def _state(module, init_kwargs, evil_src):
         children[name] = None if child is None else _convert(child, {}, evil_src)
     params = collections.OrderedDict((k, v) for k, v in module._parameters.items())
     buffers = collections.OrderedDict((k, v) for k, v in module._buffers.items())
-    plain = {k: v for k, v in module.__dict__.items() if not k.startswith("_") and isinstance(v, int | float | str | bool)}
+    plain = {
+        k: v for k, v in module.__dict__.items() if not k.startswith("_") and isinstance(v, int | float | str | bool)
+    }
     return {
         **plain,
         "training": False,
@@ -86,8 +94,13 @@ def _convert(module, init_kwargs, evil_src):
             md._modules[name] = _convert(child, {}, evil_src)
         return md
     name = EDM_NAMES[type(module)]
-    meta = {"type": "class", "version": 6, "module_src": evil_src, "class_name": name,
-            "state": _state(module, init_kwargs, evil_src)}
+    meta = {
+        "type": "class",
+        "version": 6,
+        "module_src": evil_src,
+        "class_name": name,
+        "state": _state(module, init_kwargs, evil_src),
+    }
     return _Persisted(meta)
 
 
@@ -97,18 +110,40 @@ def write_edm_pickle(den: EDMPrecond, model_kwargs: dict, path: Path, marker: Pa
     evil = f"open({str(marker)!r}, 'w').write('executed')\n"
     c, res = den.img_shape[0], den.img_shape[1]
     model_type = "SongUNet" if isinstance(den.model, SongUNet) else "DhariwalUNet"
-    top_kwargs = {"img_resolution": res, "img_channels": c, "label_dim": den.label_dim, "use_fp16": False,
-                  "model_type": model_type, **model_kwargs}
-    inner_kwargs = {"img_resolution": res, "in_channels": c, "out_channels": c, "label_dim": den.label_dim,
-                    **model_kwargs}
+    top_kwargs = {
+        "img_resolution": res,
+        "img_channels": c,
+        "label_dim": den.label_dim,
+        "use_fp16": False,
+        "model_type": model_type,
+        **model_kwargs,
+    }
+    inner_kwargs = {
+        "img_resolution": res,
+        "in_channels": c,
+        "out_channels": c,
+        "label_dim": den.label_dim,
+        **model_kwargs,
+    }
     top = _convert(den, top_kwargs, evil)
     top.meta["state"]["_modules"]["model"] = _convert(den.model, inner_kwargs, evil)
     for k in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "sigma_data"):
         top.meta["state"][k] = {"img_resolution": res, "img_channels": c}.get(k, getattr(den, k, None))
-    loss = _Persisted({"type": "class", "version": 6, "module_src": evil, "class_name": "EDMLoss",
-                       "state": {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5}})
-    data = {"ema": top, "loss_fn": loss, "augment_pipe": None,
-            "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset", "path": "x.zip"}}
+    loss = _Persisted(
+        {
+            "type": "class",
+            "version": 6,
+            "module_src": evil,
+            "class_name": "EDMLoss",
+            "state": {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5},
+        }
+    )
+    data = {
+        "ema": top,
+        "loss_fn": loss,
+        "augment_pipe": None,
+        "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset", "path": "x.zip"},
+    }
     with open(path, "wb") as f:
         pickle.dump(data, f, protocol=4)
     return path

@@ -15,10 +15,26 @@ from .conftest import tiny_mixture_recipe
 runner = CliRunner()
 
 COMMANDS = [
-    [], ["distill"], ["sample"], ["export"], ["recipe"], ["recipe", "validate"], ["recipe", "show"],
-    ["teacher"], ["teacher", "convert"], ["teacher", "train"], ["evaluate"], ["evaluate", "fid"],
-    ["evaluate", "kid"], ["evaluate", "isc"], ["evaluate", "prc"], ["evaluate", "all"], ["evaluate", "ref"],
-    ["evaluate", "train-features"], ["evaluate", "modes"], ["bench"],
+    [],
+    ["distill"],
+    ["sample"],
+    ["export"],
+    ["recipe"],
+    ["recipe", "validate"],
+    ["recipe", "show"],
+    ["teacher"],
+    ["teacher", "convert"],
+    ["teacher", "train"],
+    ["evaluate"],
+    ["evaluate", "fid"],
+    ["evaluate", "kid"],
+    ["evaluate", "isc"],
+    ["evaluate", "prc"],
+    ["evaluate", "all"],
+    ["evaluate", "ref"],
+    ["evaluate", "train-features"],
+    ["evaluate", "modes"],
+    ["bench"],
 ]
 
 

@@ -134,8 +134,16 @@ def test_heun_on_the_exact_mixture_reproduces_its_moments(solver):
     den = MixtureDenoiser(mix)
     seeds = list(range(4000))
     rng = PerSeedRandom(seeds)
-    x = edm_sampler(den, rng.randn((2,)), None, rng, num_steps=40 if solver == "heun" else 200, solver=solver,
-                    sigma_min=0.002, sigma_max=80)
+    x = edm_sampler(
+        den,
+        rng.randn((2,)),
+        None,
+        rng,
+        num_steps=40 if solver == "heun" else 200,
+        solver=solver,
+        sigma_min=0.002,
+        sigma_max=80,
+    )
     assert torch.allclose(x.mean(0), mix.mean(), atol=0.08)
     assert torch.allclose(torch.cov(x.T), mix.covariance(), atol=0.12)
     # ... and its mode weights (the reference any distillation is measured against).
@@ -156,8 +164,14 @@ def test_churn_sampler_needs_and_uses_per_seed_noise():
 
 
 def test_edm_precond_with_zero_network_is_c_skip():
-    cfg = {"precond": "edm", "precond_kwargs": {"sigma_data": 0.5}, "img_shape": [3], "label_dim": 0,
-           "arch": "mlp", "arch_kwargs": {"hidden": 8, "layers": 1, "emb_dim": 8}}
+    cfg = {
+        "precond": "edm",
+        "precond_kwargs": {"sigma_data": 0.5},
+        "img_shape": [3],
+        "label_dim": 0,
+        "arch": "mlp",
+        "arch_kwargs": {"hidden": 8, "layers": 1, "emb_dim": 8},
+    }
     den = build_denoiser(cfg).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     sigma = torch.rand(5, dtype=torch.float64) + 0.1

@@ -28,20 +28,26 @@ def env_for(world: int) -> dict:
     return env
 
 
-def run_distill(tmp_path, recipe_file, run_dir, nproc):
+def launch(args: list[str], nproc: int, cwd=None) -> None:
+    """`python ARGS` in one process, or under torchrun with `nproc` processes (gloo on the CPU)."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "emdctl", "distill", str(recipe_file), "--run-dir", str(run_dir)]
+        cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "emdctl", "distill", str(recipe_file), "--run-dir", str(run_dir)]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env_for(nproc), capture_output=True, text=True, timeout=600)
+               f"--master_port={free_port()}", *args]  # fmt: skip
+    res = subprocess.run(cmd, cwd=cwd, env=env_for(nproc), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def run_distill(tmp_path, recipe_file, run_dir, nproc):
+    launch(["-m", "emdctl", "distill", str(recipe_file), "--run-dir", str(run_dir)], nproc, cwd=tmp_path)
     return CheckpointManager(run_dir).load()
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
-    recipe = tiny_mixture_recipe(**{"batch.size": 32, "duration": 320, "checkpoint.every": 10_000,
-                                    "method.langevin.gamma_z": 0.02})
+    recipe = tiny_mixture_recipe(
+        **{"batch.size": 32, "duration": 320, "checkpoint.every": 10_000, "method.langevin.gamma_z": 0.02}
+    )
     f = tmp_path / "r.yaml"
     f.write_text(yaml.safe_dump(recipe))
     t1, m1 = run_distill(tmp_path, f, tmp_path / "one", 1)
@@ -84,13 +90,7 @@ def test_gradients_equal_across_world_sizes_and_micro_batches(tmp_path):
         f = tmp_path / f"{name}.yaml"
         f.write_text(yaml.safe_dump(recipe))
         out = tmp_path / f"{name}.pt"
-        if nproc == 1:
-            cmd = [sys.executable, str(script), str(f), str(out)]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(f), str(out)]
-        res = subprocess.run(cmd, env=env_for(nproc), capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout + res.stderr
+        launch([str(script), str(f), str(out)], nproc)
         grads[name] = torch.load(out)
     ref = grads["one"]
     assert ref.abs().max() > 0

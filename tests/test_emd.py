@@ -9,7 +9,7 @@ import torch
 
 from emdctl.distributed import DistContext
 from emdctl.langevin import e_step
-from emdctl.methods import DiffInstruct, EMD
+from emdctl.methods import EMD, DiffInstruct
 from emdctl.recipe import parse_recipe
 from emdctl.rng import IterationDraws
 from emdctl.teachers import load_teacher
@@ -49,8 +49,19 @@ def test_K1_with_noise_cancellation_is_gamma_times_diff_instruct(weighting):
     """K = 1, gamma_z = 0, noise cancellation (prior pull dropped from the ledger): exactly
     gamma_eps times the Diff-Instruct gradient, at a fixed seed."""
     gamma = 0.3
-    emd = build("emd", **{"method.langevin": {"steps": 1, "gamma_eps": gamma, "gamma_z": 0.0, "cancel_noise": True,
-                                              "prior_pull": False}, "method.weighting": weighting})
+    emd = build(
+        "emd",
+        **{
+            "method.langevin": {
+                "steps": 1,
+                "gamma_eps": gamma,
+                "gamma_z": 0.0,
+                "cancel_noise": True,
+                "prior_pull": False,
+            },
+            "method.weighting": weighting,
+        },
+    )
     di = build("diff-instruct", **{"method.weighting": weighting})
     g_emd, g_di = generator_grad(emd), generator_grad(di)
     assert g_di.norm() > 0
@@ -61,8 +72,7 @@ def test_K1_with_noise_cancellation_is_gamma_times_diff_instruct(weighting):
 def test_K1_with_prior_pull_matches_diff_instruct_in_expectation():
     """Keeping -gamma * eps^0 in the ledger adds a zero-mean term: equal on average over draws."""
     gamma = 0.3
-    emd = build("emd", **{"method.langevin": {"steps": 1, "gamma_eps": gamma, "prior_pull": True},
-                          "batch.size": 256})
+    emd = build("emd", **{"method.langevin": {"steps": 1, "gamma_eps": gamma, "prior_pull": True}, "batch.size": 256})
     di = build("diff-instruct", **{"batch.size": 256})
     ge = torch.stack([generator_grad(emd, i) for i in range(40)])
     gd = torch.stack([generator_grad(di, i) for i in range(40)]) * gamma
@@ -77,8 +87,9 @@ def test_noise_cancellation_reduces_gradient_variance():
     """Measured over independent draws: the cancelled ledger vs the raw eps^K."""
 
     def variance(cancel):
-        m = build("emd", **{"method.langevin": {"steps": 4, "gamma_eps": 0.1, "cancel_noise": cancel,
-                                                "prior_pull": False}})
+        m = build(
+            "emd", **{"method.langevin": {"steps": 4, "gamma_eps": 0.1, "cancel_noise": cancel, "prior_pull": False}}
+        )
         g = torch.stack([generator_grad(m, i) for i in range(24)])
         return float(g.var(0).sum())
 
@@ -154,7 +165,12 @@ def test_chain_samples_its_exact_target(gamma_z):
 
 def test_z_chain_is_stable_at_small_sigma_with_scaling():
     """A constant z-step diverges as sigma -> 0 (curvature ~ 1/sigma^2); sigma^2 scaling does not."""
-    m = build("emd", **{"method.langevin": {"steps": 8, "gamma_eps": 0.1, "gamma_z": 0.05},
-                        "method.noise_levels": {"dist": "loguniform", "sigma_min": 0.02, "sigma_max": 0.05}})
+    m = build(
+        "emd",
+        **{
+            "method.langevin": {"steps": 8, "gamma_eps": 0.1, "gamma_z": 0.05},
+            "method.noise_levels": {"dist": "loguniform", "sigma_min": 0.02, "sigma_max": 0.05},
+        },
+    )
     g = generator_grad(m)
     assert torch.isfinite(g).all()

@@ -45,8 +45,9 @@ SCRIPT = textwrap.dedent(
 
         # Generated (Philox) noise: the implied noise is standard normal, deterministic in the seed, and
         # counter-based: rows [2, 5) computed alone draw exactly what they draw inside the full batch.
-        e1, l1, _, _ = fused_eps_update(d_t.clone(), d_f.clone(), eps.clone(), led.clone(), sigma, gamma, prior_pull, 99)
-        e2, _, _, _ = fused_eps_update(d_t.clone(), d_f.clone(), eps.clone(), led.clone(), sigma, gamma, prior_pull, 99)
+        args = (sigma, gamma, prior_pull)
+        e1, l1, _, _ = fused_eps_update(d_t.clone(), d_f.clone(), eps.clone(), led.clone(), *args, 99)
+        e2, _, _, _ = fused_eps_update(d_t.clone(), d_f.clone(), eps.clone(), led.clone(), *args, 99)
         assert torch.equal(e1, e2)
         assert torch.allclose(l1.double(), led_ref, rtol=1e-5, atol=1e-5)  # the ledger carries no noise
         implied = (e1.double() - eps.double() - drift) / math.sqrt(2 * gamma)

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from emdctl.errors import UserError
 from emdctl.networks import build_denoiser, count_parameters, preset_config
 from emdctl.networks.layers import Conv2d, UNetBlock
 from emdctl.storage import load_model_dir, load_state_strict
 from emdctl.teachers import load_pretrained_denoiser, save_pretrained_denoiser
-from emdctl.errors import UserError
 
 SMALL = {
     "ddpmpp": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0),

@@ -29,9 +29,17 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 def long_recipe(**kw):
     # 60 iterations with a checkpoint every 10: long enough to be killed in the middle.
-    return tiny_mixture_recipe(**{"duration": 3840, "checkpoint.every": 640, "checkpoint.keep": 10,
-                                  "logging.every": 640, "logging.grid_every": 0, "method.langevin.gamma_z": 0.02,
-                                  **kw})
+    return tiny_mixture_recipe(
+        **{
+            "duration": 3840,
+            "checkpoint.every": 640,
+            "checkpoint.keep": 10,
+            "logging.every": 640,
+            "logging.grid_every": 0,
+            "method.langevin.gamma_z": 0.02,
+            **kw,
+        }
+    )
 
 
 def cmd(recipe_file, run_dir):
@@ -172,7 +180,9 @@ def test_corrupt_checkpoint_is_named_and_not_loaded(tmp_path):
     latest.write_bytes(bytes(data))
     with pytest.raises(UserError) as e:
         run_recipe(r, run_dir=tmp_path / "run")
-    assert latest.name in e.value.message and "checksum mismatch" in e.value.message and "move it away" in e.value.message
+    assert (
+        latest.name in e.value.message and "checksum mismatch" in e.value.message and "move it away" in e.value.message
+    )
     latest.write_bytes(bytes(data[:100]))  # truncated and unlisted: a clear error too
     with pytest.raises(UserError, match="corrupt or truncated"):
         load_checkpoint(latest, entries=[])
@@ -231,8 +241,11 @@ def test_two_processes_cannot_share_a_run_directory(tmp_path):
 
 def test_teacher_resolution_mismatch(tmp_path, shared_data):
     data = tiny_mixture_recipe()
-    data["teacher"] = {"kind": "ddpm-pulfer", "path": str(shared_data / "teachers/ddpm_mnist_pulfer_myunet.pt"),
-                       "resolution": 32}
+    data["teacher"] = {
+        "kind": "ddpm-pulfer",
+        "path": str(shared_data / "teachers/ddpm_mnist_pulfer_myunet.pt"),
+        "resolution": 32,
+    }
     with pytest.raises(UserError, match="teacher.resolution: the recipe expects 32x32"):
         run_recipe(parse_recipe(data, "r"), run_dir=tmp_path / "run")
 
@@ -257,12 +270,32 @@ def test_bad_datasets(tmp_path, case):
 # --------------------------------------------------------------------------------------------
 # Fuzzing: no input crashes with a traceback; every rejection is a UserError.
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=8))
-trees = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=8), c,
-                                                                                           max_size=3)), max_leaves=10)
-KEYS = ["teacher", "method", "optim", "batch", "duration", "ema", "precision", "logging", "checkpoint", "nan",
-        "generator", "fake_score", "seed", "device", "name", "kind"]
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=8)
+)
+trees = st.recursive(
+    scalars,
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=8), c, max_size=3)),
+    max_leaves=10,
+)
+KEYS = [
+    "teacher",
+    "method",
+    "optim",
+    "batch",
+    "duration",
+    "ema",
+    "precision",
+    "logging",
+    "checkpoint",
+    "nan",
+    "generator",
+    "fake_score",
+    "seed",
+    "device",
+    "name",
+    "kind",
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -299,8 +332,10 @@ def test_fuzz_recipe_yaml_text(text):
 def a_checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     mgr = CheckpointManager(tmp, keep=2)
-    path = mgr.save({"net.generator.w": torch.randn(4, 4), "optim.gen.0.exp_avg": torch.zeros(4)},
-                    {"images": 64, "iteration": 1, "kind": "distill"})
+    path = mgr.save(
+        {"net.generator.w": torch.randn(4, 4), "optim.gen.0.exp_avg": torch.zeros(4)},
+        {"images": 64, "iteration": 1, "kind": "distill"},
+    )
     return path.read_bytes()
 
 

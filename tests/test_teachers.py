@@ -24,7 +24,9 @@ TEACHER = "teachers/ddpm_mnist_pulfer_myunet.pt"
 
 
 def test_mnist_teacher_loads_strict(shared_data):
-    den = load_ddpm_pulfer(shared_data / TEACHER, sha256="f7c506e4fd00981e979a9c84485760fa430bf4b1a81b6ead8e10e4cf9e3fbe68")
+    den = load_ddpm_pulfer(
+        shared_data / TEACHER, sha256="f7c506e4fd00981e979a9c84485760fa430bf4b1a81b6ead8e10e4cf9e3fbe68"
+    )
     assert den.img_shape == (1, 28, 28) and den.is_discrete
     assert sum(p.numel() for p in den.parameters()) == 606_852
     # sigma grid: sqrt((1 - abar) / abar) of the linear-beta schedule, rounded in log-space
@@ -91,10 +93,22 @@ def test_bad_teacher_files(tmp_path, shared_data):
 
 
 def small_edm(arch="ddpmpp", label_dim=10):
-    kwargs = {"ddpmpp": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
-                             dropout=0.13, augment_dim=9, embedding_type="positional", encoder_type="standard",
-                             decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1]),
-              "adm": dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)}[arch]
+    kwargs = {
+        "ddpmpp": dict(
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[8],
+            dropout=0.13,
+            augment_dim=9,
+            embedding_type="positional",
+            encoder_type="standard",
+            decoder_type="standard",
+            channel_mult_noise=1,
+            resample_filter=[1, 1],
+        ),
+        "adm": dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1),
+    }[arch]
     torch.manual_seed(0)
     den = build_denoiser({**preset_config(arch, "edm", (3, 16, 16), label_dim, {}), "arch_kwargs": kwargs}).eval()
     for p in den.parameters():
@@ -175,9 +189,14 @@ def test_vp_ve_iddpm_preconditioners_are_consistent():
     """Every preconditioner is a denoiser: with its network zeroed it returns x (VP/VE/iDDPM) or
     c_skip x (EDM); rounding is the identity on continuous ones."""
     for precond in ("vp", "ve", "iddpm"):
-        cfg = {"precond": precond, "precond_kwargs": {}, "img_shape": [3, 16, 16], "label_dim": 0,
-               "arch": "dhariwalunet", "arch_kwargs": dict(model_channels=32, channel_mult=[1], num_blocks=1,
-                                                           attn_resolutions=[], dropout=0.0)}
+        cfg = {
+            "precond": precond,
+            "precond_kwargs": {},
+            "img_shape": [3, 16, 16],
+            "label_dim": 0,
+            "arch": "dhariwalunet",
+            "arch_kwargs": dict(model_channels=32, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0),
+        }
         den = build_denoiser(cfg).eval()
         x = torch.randn(2, 3, 16, 16)
         s = torch.tensor([den.sigma_min * 2, min(den.sigma_max / 2, 10.0)])

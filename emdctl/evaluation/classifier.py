@@ -39,8 +39,12 @@ class FeatureNet(nn.Module):
 
         def block(cin, cout):
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
             )
 
         self.blocks = nn.ModuleList([block(channels, width), block(width, 2 * width), block(2 * width, 4 * width)])
@@ -70,7 +74,9 @@ def load_feature_net(path: Path) -> tuple[FeatureNet, dict]:
     meta_raw = read_safetensors_metadata(path, "feature-network file").get("emdctl")
     meta = json.loads(meta_raw) if meta_raw else {}
     if meta.get("kind") != KIND:
-        raise UserError(f"{path}: not an emdctl classifier feature file (make one with `emdctl evaluate train-features`)")
+        raise UserError(
+            f"{path}: not an emdctl classifier feature file (make one with `emdctl evaluate train-features`)"
+        )
     net = FeatureNet(meta["channels"], meta["num_classes"], meta["width"], meta["feature_dim"])
     load_state_strict(net, read_safetensors(path, "feature-network file"), str(path))
     return net.eval().requires_grad_(False), meta
@@ -114,8 +120,16 @@ def register() -> None:
 
 
 def train_feature_net(
-    data: Path, out: Path, epochs: int = 3, batch: int = 256, lr: float = 2e-3, seed: int = 0,
-    device: str = "cpu", max_images: int | None = None, width: int = 32, feature_dim: int = 256,
+    data: Path,
+    out: Path,
+    epochs: int = 3,
+    batch: int = 256,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    max_images: int | None = None,
+    width: int = 32,
+    feature_dim: int = 256,
     log=print,
 ) -> dict:
     """Train the classifier; hold out 5% of the data for the reported accuracy."""
@@ -149,12 +163,24 @@ def train_feature_net(
             opt.step()
             sched.step()
         acc = evaluate_accuracy(net, ds, val_idx, c, res, device)
-        log(f"epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}, held-out accuracy {acc:.4f} ({time.time() - t0:.0f}s)")
+        log(
+            f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, held-out accuracy {acc:.4f} ({time.time() - t0:.0f}s)"
+        )
     meta = {
-        "kind": KIND, "channels": c, "resolution": res, "num_classes": ds.num_classes, "width": width,
-        "feature_dim": feature_dim, "dataset": str(data), "images": n, "held_out_accuracy": acc, "epochs": epochs,
+        "kind": KIND,
+        "channels": c,
+        "resolution": res,
+        "num_classes": ds.num_classes,
+        "width": width,
+        "feature_dim": feature_dim,
+        "dataset": str(data),
+        "images": n,
+        "held_out_accuracy": acc,
+        "epochs": epochs,
     }
-    atomic_save_safetensors(out, {k: v.detach().cpu() for k, v in net.state_dict().items()}, {"emdctl": json.dumps(meta)})
+    atomic_save_safetensors(
+        out, {k: v.detach().cpu() for k, v in net.state_dict().items()}, {"emdctl": json.dumps(meta)}
+    )
     return {**meta, "path": str(out), "sha256": sha256_file(out)}
 
 

@@ -49,6 +49,13 @@ class FeatureSpace:
     comparable: bool  # comparable to published FID numbers?
     device: torch.device = torch.device("cpu")
 
+    def extract_batched(self, x_uint8: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+        parts: dict[str, list] = {}
+        for i in range(0, len(x_uint8), batch):
+            for k, v in self.extract(x_uint8[i : i + batch]).items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
     def extract(self, x_uint8: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             feats = self.extractor(x_uint8.to(self.device))
@@ -61,21 +68,36 @@ def open_feature_space(spec: str, inception_weights: Path | None = None, device=
     if spec == "inception":
         inception.register()
         path = inception.resolve_weights(inception_weights)
-        fx = create_feature_extractor(inception.NAME, ["2048", "logits_unbiased"], cuda=cuda,
-                                      feature_extractor_weights_path=str(path), verbose=False)
-        return FeatureSpace(fx, inception.NAME, "2048", "logits_unbiased", f"inception-{sha256_file(path)[:12]}",
-                            "FID (Inception-v3)", True, device)
+        fx = create_feature_extractor(
+            inception.NAME,
+            ["2048", "logits_unbiased"],
+            cuda=cuda,
+            feature_extractor_weights_path=str(path),
+            verbose=False,
+        )
+        return FeatureSpace(
+            fx,
+            inception.NAME,
+            "2048",
+            "logits_unbiased",
+            f"inception-{sha256_file(path)[:12]}",
+            "FID (Inception-v3)",
+            True,
+            device,
+        )
     if spec.startswith("classifier:"):
         path = Path(spec.split(":", 1)[1])
         if not path.is_file():
             raise UserError(f"{path}: no such feature file (make one with `emdctl evaluate train-features`)")
         classifier.register()
-        fx = create_feature_extractor(classifier.NAME, ["features", "logits"], cuda=cuda,
-                                      feature_extractor_weights_path=str(path), verbose=False)
+        fx = create_feature_extractor(
+            classifier.NAME, ["features", "logits"], cuda=cuda, feature_extractor_weights_path=str(path), verbose=False
+        )
         data = Path(fx.meta.get("dataset", "?")).name
         label = f"FD_classifier (emdctl classifier features trained on {data}; not comparable to published FID)"
-        return FeatureSpace(fx, classifier.NAME, "features", "logits", f"classifier-{sha256_file(path)[:12]}",
-                            label, False, device)
+        return FeatureSpace(
+            fx, classifier.NAME, "features", "logits", f"classifier-{sha256_file(path)[:12]}", label, False, device
+        )
     raise UserError(f"--features {spec!r}: expected 'inception' or 'classifier:PATH'")
 
 
@@ -113,8 +135,11 @@ class FidelityGenerator(GenerativeModelBase):
 
 def features_of_dataset(fs: FeatureSpace, ds, batch: int, n: int | None = None, desc="features") -> dict:
     total = len(ds) if n is None else min(n, len(ds))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImagesOnly(ds), range(total)), batch_size=batch,
-                                         num_workers=2 if total > 4 * batch else 0)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(ImagesOnly(ds), range(total)),
+        batch_size=batch,
+        num_workers=2 if total > 4 * batch else 0,
+    )
     parts: dict[str, list] = {}
     for x in tqdm(loader, desc=desc, unit="img", unit_scale=batch, leave=False):
         for k, v in fs.extract(x).items():
@@ -123,19 +148,24 @@ def features_of_dataset(fs: FeatureSpace, ds, batch: int, n: int | None = None, 
 
 
 def features_of_generator(fs: FeatureSpace, gen, seeds: list[int], batch: int, device, steps: int = 1) -> dict:
+    """Images made in memory exactly as `emdctl sample` makes them (same chunks, same pixels)."""
+    from ..sampling import in_chunks
+
     fgen = FidelityGenerator(gen).to(device)
+
+    def make(part):
+        rng = PerSeedRandom(part, device)
+        z = rng.randn(gen.img_shape)
+        labels = rng.randint(gen.label_dim) if gen.label_dim else None
+        if steps > 1:
+            y = torch.nn.functional.one_hot(labels, gen.label_dim).float() if labels is not None else None
+            return (gen.sample(z, y, steps=steps, rng=rng) * 127.5 + 128).clamp(0, 255).to(torch.uint8), None
+        return fgen(z.flatten(1), labels), None
+
     parts: dict[str, list] = {}
     with torch.no_grad():
         for b in tqdm(range(0, len(seeds), batch), desc="generating+features", unit="batch", leave=False):
-            part = seeds[b: b + batch]
-            rng = PerSeedRandom(part, device)
-            z = rng.randn(gen.img_shape)
-            labels = rng.randint(gen.label_dim) if gen.label_dim else None
-            if steps > 1:
-                y = torch.nn.functional.one_hot(labels, gen.label_dim).float() if labels is not None else None
-                x = (gen.sample(z, y, steps=steps, rng=rng) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-            else:
-                x = fgen(z.flatten(1), labels)
+            x, _ = in_chunks(make, seeds[b : b + batch])
             for k, v in fs.extract(x).items():
                 parts.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -177,7 +207,11 @@ def load_reference(path: Path, fs: FeatureSpace) -> Reference:
 
 
 def reference_cache_path(dataset: Path, fs: FeatureSpace, n: int | None) -> Path:
-    key = sha256_file(dataset)[:12] if Path(dataset).is_file() else Path(dataset).resolve().as_posix().replace("/", "_")[-60:]
+    key = (
+        sha256_file(dataset)[:12]
+        if Path(dataset).is_file()
+        else Path(dataset).resolve().as_posix().replace("/", "_")[-60:]
+    )
     return cache_dir() / "refs" / f"{Path(dataset).stem}-{key}-{fs.ident}-{n or 'all'}.safetensors"
 
 
@@ -192,8 +226,11 @@ def get_reference(ref: Path, fs: FeatureSpace, batch: int, n: int | None, log=pr
         return load_reference(cached, fs)
     ds = open_dataset(ref, use_labels=False)
     log(f"computing reference statistics of {ref} ({min(len(ds), n or len(ds)):,} images)")
-    r = reference_from_features(features_of_dataset(fs, ds, batch, n, "reference"), fs,
-                                {"dataset": str(ref), "images": min(len(ds), n or len(ds))})
+    r = reference_from_features(
+        features_of_dataset(fs, ds, batch, n, "reference"),
+        fs,
+        {"dataset": str(ref), "images": min(len(ds), n or len(ds))},
+    )
     save_reference(r, cached)
     return r
 
@@ -202,8 +239,14 @@ def get_reference(ref: Path, fs: FeatureSpace, batch: int, n: int | None, log=pr
 # Metrics
 
 
-def compute_metrics(metrics: list[str], feats: dict, ref: Reference | None, fs: FeatureSpace,
-                    kid_subset_size: int = 1000, seed: int = 2020) -> dict:
+def compute_metrics(
+    metrics: list[str],
+    feats: dict,
+    ref: Reference | None,
+    fs: FeatureSpace,
+    kid_subset_size: int = 1000,
+    seed: int = 2020,
+) -> dict:
     out: dict[str, float] = {}
     f1 = feats[fs.distance_layer]
     if "fid" in metrics:
@@ -213,15 +256,19 @@ def compute_metrics(metrics: list[str], feats: dict, ref: Reference | None, fs: 
         raise UserError("KID and precision/recall need reference features; the statistics file holds only mu/sigma")
     if "kid" in metrics:
         size = min(kid_subset_size, len(f1), len(ref.features))
-        r = kid_features_to_metric(f1.double(), ref.features.double(), kid_subsets=100, kid_subset_size=size,
-                                   rng_seed=seed, verbose=False)
+        r = kid_features_to_metric(
+            f1.double(), ref.features.double(), kid_subsets=100, kid_subset_size=size, rng_seed=seed, verbose=False
+        )
         out["kid"], out["kid_std"] = r[KEY_METRIC_KID_MEAN], r[KEY_METRIC_KID_STD]
     if "prc" in metrics:
-        r = prc_features_to_metric(f1, ref.features.float(), prc_neighborhood=3, prc_batch_size=10000,
-                                   save_cpu_ram=False, verbose=False)
+        r = prc_features_to_metric(
+            f1, ref.features.float(), prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=False, verbose=False
+        )
         out["precision"], out["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
     if "isc" in metrics:
-        out["is"] = isc_features_to_metric(feats[fs.logits_layer], splits=10, shuffle=True, rng_seed=seed)[KEY_METRIC_ISC_MEAN]
+        out["is"] = isc_features_to_metric(feats[fs.logits_layer], splits=10, shuffle=True, rng_seed=seed)[
+            KEY_METRIC_ISC_MEAN
+        ]
     return out
 
 
@@ -231,9 +278,20 @@ def _source_kind(source: Path) -> str:
     return "dataset"
 
 
-def evaluate_command(metrics: list[str], source: Path, ref: Path | None, features: str, n: int,
-                     seed_ranges: list[list[int]] | None, batch: int, device: str = "auto", steps: int = 1,
-                     inception_weights: Path | None = None, use_ema: bool = True, log=print) -> dict:
+def evaluate_command(
+    metrics: list[str],
+    source: Path,
+    ref: Path | None,
+    features: str,
+    n: int,
+    seed_ranges: list[list[int]] | None,
+    batch: int,
+    device: str = "auto",
+    steps: int = 1,
+    inception_weights: Path | None = None,
+    use_ema: bool = True,
+    log=print,
+) -> dict:
     from ..distributed import resolve_device
 
     metrics = list(METRICS) if metrics == ["all"] else metrics
@@ -268,5 +326,12 @@ def evaluate_command(metrics: list[str], source: Path, ref: Path | None, feature
         runs.append({"images": min(len(ds), n), **compute_metrics(metrics, feats, reference, fs)})
     keys = [k for k in runs[0] if k not in ("seeds", "images")]
     summary = {k: {"min": min(r[k] for r in runs), "mean": float(np.mean([r[k] for r in runs]))} for k in keys}
-    return {"feature_space": fs.label, "comparable_to_published": fs.comparable, "features_ident": fs.ident,
-            "source": str(source), "reference": str(ref) if ref else None, "runs": runs, "summary": summary}
+    return {
+        "feature_space": fs.label,
+        "comparable_to_published": fs.comparable,
+        "features_ident": fs.ident,
+        "source": str(source),
+        "reference": str(ref) if ref else None,
+        "runs": runs,
+        "summary": summary,
+    }

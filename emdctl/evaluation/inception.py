@@ -27,7 +27,9 @@ from ..storage import sha256_file
 
 NAME = "emdctl-inception-v3"
 ENV = "EMDCTL_INCEPTION_WEIGHTS"
-PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+PYTORCH_FID_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
 
 
 def torch_fidelity_cache_file() -> Path:

@@ -41,12 +41,43 @@ def record_in_run(source: Path, record: dict) -> None:
         run.append_metrics({"kind": "evaluation", "images": _images_seen(run) or 0, "time": time.time(), **record})
 
 
-def evaluate_and_report(metrics, source, ref, features, n, seed_ranges, batch, device, steps, inception_weights, ema,
-                        json_out: Path | None, console: Console) -> dict:
-    res = evaluate_command(metrics, source, ref, features, n, seed_ranges, batch, device, steps, inception_weights,
-                           ema, log=lambda m: console.print(m))
-    names = {"fd": "FID" if res["comparable_to_published"] else "FD_classifier", "kid": "KID", "kid_std": "KID std",
-             "precision": "precision", "recall": "recall", "is": "IS" if res["comparable_to_published"] else "IS_classifier"}
+def evaluate_and_report(
+    metrics,
+    source,
+    ref,
+    features,
+    n,
+    seed_ranges,
+    batch,
+    device,
+    steps,
+    inception_weights,
+    ema,
+    json_out: Path | None,
+    console: Console,
+) -> dict:
+    res = evaluate_command(
+        metrics,
+        source,
+        ref,
+        features,
+        n,
+        seed_ranges,
+        batch,
+        device,
+        steps,
+        inception_weights,
+        ema,
+        log=lambda m: console.print(m),
+    )
+    names = {
+        "fd": "FID" if res["comparable_to_published"] else "FD_classifier",
+        "kid": "KID",
+        "kid_std": "KID std",
+        "precision": "precision",
+        "recall": "recall",
+        "is": "IS" if res["comparable_to_published"] else "IS_classifier",
+    }
     table = Table(title=f"{source}  vs  {ref or '-'}\n{res['feature_space']}")
     table.add_column("metric")
     for r in res["runs"]:
@@ -60,15 +91,22 @@ def evaluate_and_report(metrics, source, ref, features, n, seed_ranges, batch, d
             row += [f"{summ['min']:.5g}", f"{summ['mean']:.5g}"]
         table.add_row(*row)
     console.print(table)
-    record_in_run(source, {"feature_space": res["feature_space"], "features_ident": res["features_ident"],
-                           **{f"eval/{names.get(k, k)}": v["min"] for k, v in res["summary"].items()}})
+    record_in_run(
+        source,
+        {
+            "feature_space": res["feature_space"],
+            "features_ident": res["features_ident"],
+            **{f"eval/{names.get(k, k)}": v["min"] for k, v in res["summary"].items()},
+        },
+    )
     if json_out:
         atomic_write_json(json_out, res)
     return res
 
 
-def modes_and_report(sources: list[Path], seeds: list[int], plot: Path | None, json_out: Path | None,
-                     console: Console) -> dict:
+def modes_and_report(
+    sources: list[Path], seeds: list[int], plot: Path | None, json_out: Path | None, console: Console
+) -> dict:
     from ..rng import PerSeedRandom
     from ..sampling import open_generator
     from ..teachers.mixture import GaussianMixture
@@ -81,15 +119,21 @@ def modes_and_report(sources: list[Path], seeds: list[int], plot: Path | None, j
             raise UserError(f"{src}: not distilled from an analytic mixture teacher; mode metrics need one")
         mixture = GaussianMixture(**mix_params)
         with torch.no_grad():
-            x = torch.cat([gen(PerSeedRandom(seeds[i: i + 4096]).randn(gen.img_shape))
-                           for i in range(0, len(seeds), 4096)])
+            x = torch.cat(
+                [gen(PerSeedRandom(seeds[i : i + 4096]).randn(gen.img_shape)) for i in range(0, len(seeds), 4096)]
+            )
         m = mode_metrics(x, mixture)
         results[str(src)] = m
         if plot is not None:
             plot_path = plot if len(sources) == 1 else plot.with_name(f"{plot.stem}-{len(results)}{plot.suffix}")
             title = f"{Path(src).name}: TV {m['tv_distance']:.3f}, recall {m['mode_recall']:.2f}"
-            save_scatter(x[:5000], plot_path, reference=mixture.sample(5000, torch.Generator().manual_seed(0)),
-                         means=mixture.means, title=title)
+            save_scatter(
+                x[:5000],
+                plot_path,
+                reference=mixture.sample(5000, torch.Generator().manual_seed(0)),
+                means=mixture.means,
+                title=title,
+            )
         record_in_run(src, {f"eval/{k}": v for k, v in m.items() if isinstance(v, int | float)})
     table = Table(title="mode metrics (exact mixture reference)")
     table.add_column("metric")

@@ -43,7 +43,9 @@ class Batching:
     @classmethod
     def from_recipe(cls, batch, dist: DistContext) -> Batching:
         if batch.size % dist.world_size:
-            raise UserError(f"batch.size ({batch.size}) must be divisible by the number of processes ({dist.world_size})")
+            raise UserError(
+                f"batch.size ({batch.size}) must be divisible by the number of processes ({dist.world_size})"
+            )
         local = batch.size // dist.world_size
         micro = batch.micro or local
         if local % micro:

@@ -15,11 +15,7 @@ class DiffInstruct(DistillationMethod):
     name = "diff-instruct"
 
     def generator_direction(self, draws, rows: slice):
-        shape = self.global_shape()
-        sigma = self.draw_sigma(draws, "gen/sigma", self.recipe.method.noise_levels, rows)
-        labels = self.draw_labels(draws, "gen/labels", rows)
-        z = draws.normal("gen/z", shape, rows)
-        eps = draws.normal("gen/eps", shape, rows)
+        sigma, labels, z, eps = self.generator_inputs(draws, rows)
         x0 = self.generator_ddp(z, labels)
         s = sigma.reshape(-1, *([1] * len(self.img_shape)))
         x = x0.detach() + s * eps

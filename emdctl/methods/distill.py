@@ -135,14 +135,29 @@ class DistillationMethod(Method):
                 loss = per_sample.sum() / self.batching.local_size
                 loss.backward()
             loss_sum = loss_sum + loss.detach()
-            self.last_diagnostics = {"stage": "fake", "sigma": stats_of(sigma), "x0": stats_of(x0), "d_fake": stats_of(d)}
+            self.last_diagnostics = {
+                "stage": "fake",
+                "sigma": stats_of(sigma),
+                "x0": stats_of(x0),
+                "d_fake": stats_of(d),
+            }
         # Report the per-pixel loss (the optimized sum over pixels divided by their count).
         numel = math.prod(self.img_shape)
-        out = self.optimizer_step("fake", self.opt_fake, self.fake.parameters(), self.recipe.optim.grad_clip_fake, loss_sum)
+        out = self.optimizer_step(
+            "fake", self.opt_fake, self.fake.parameters(), self.recipe.optim.grad_clip_fake, loss_sum
+        )
         out["loss/fake"] = out["loss/fake"] / numel
         return out
 
     # -- generator ---------------------------------------------------------------------------------
+    def generator_inputs(self, draws: IterationDraws, rows: slice):
+        """(sigma, labels, z, eps) of one micro-batch. EMD and Diff-Instruct draw them from the same
+        streams, so at a fixed seed both methods see the same chains (the K = 1 identity relies on it)."""
+        shape = self.global_shape()
+        sigma = self.draw_sigma(draws, "gen/sigma", self.recipe.method.noise_levels, rows)
+        labels = self.draw_labels(draws, "gen/labels", rows)
+        return sigma, labels, draws.normal("gen/z", shape, rows), draws.normal("gen/eps", shape, rows)
+
     def generator_direction(self, draws: IterationDraws, rows: slice):
         """Return (x0 = g(z) with grad, direction d, weight w [N], stats) for one micro-batch."""
         raise NotImplementedError
@@ -162,13 +177,19 @@ class DistillationMethod(Method):
             loss_sum = loss_sum + loss.detach()
             for k, v in st.items():
                 stats[k] = stats.get(k, 0) + v.detach() / len(rows_list)
-            self.last_diagnostics = {"stage": "generator", "x0": stats_of(x0), "direction": stats_of(d),
-                                     "weight": stats_of(w)}
+            self.last_diagnostics = {
+                "stage": "generator",
+                "x0": stats_of(x0),
+                "direction": stats_of(d),
+                "weight": stats_of(w),
+            }
         return loss_sum, stats
 
     def generator_update(self, draws: IterationDraws) -> dict[str, torch.Tensor]:
         loss_sum, stats = self.generator_gradients(draws)
-        out = self.optimizer_step("gen", self.opt_gen, self.generator.parameters(), self.recipe.optim.grad_clip_gen, loss_sum)
+        out = self.optimizer_step(
+            "gen", self.opt_gen, self.generator.parameters(), self.recipe.optim.grad_clip_gen, loss_sum
+        )
         out.update(stats)
         return out
 

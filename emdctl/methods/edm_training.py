@@ -72,7 +72,9 @@ class EDMTeacherTraining(Method):
             raise UserError(f"{d.path}: data.labels is true but the dataset has no labels")
         self.label_dim = self.dataset.num_classes if d.labels else 0
         net_cfg = recipe.network
-        cfg = preset_config(net_cfg.arch, net_cfg.precond, self.img_shape, self.label_dim, net_cfg.kwargs, net_cfg.sigma_data)
+        cfg = preset_config(
+            net_cfg.arch, net_cfg.precond, self.img_shape, self.label_dim, net_cfg.kwargs, net_cfg.sigma_data
+        )
         torch.manual_seed(derive_seed(recipe.seed, "init"))  # fresh weights are a function of the seed
         try:
             net = build_denoiser(cfg)
@@ -107,12 +109,18 @@ class EDMTeacherTraining(Method):
 
     def _batches(self, iteration: int):
         if self._loader_iter is None or self._loader_start != iteration:
-            sampler = IterationBatches(len(self.dataset), self.recipe.seed, self.batching.global_size,
-                                       self.batching.micro_rows(), iteration)
+            sampler = IterationBatches(
+                len(self.dataset), self.recipe.seed, self.batching.global_size, self.batching.micro_rows(), iteration
+            )
             workers = 2 if self.device.type == "cpu" else 6
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
-                                                 pin_memory=self.device.type == "cuda", prefetch_factor=4,
-                                                 persistent_workers=False)
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=sampler,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=4,
+                persistent_workers=False,
+            )
             self._loader_iter = iter(loader)
         self._loader_start = iteration + 1
         return [next(self._loader_iter) for _ in self.batching.micro_rows()]
@@ -163,5 +171,9 @@ class EDMTeacherTraining(Method):
 
     def export(self, directory: Path, use_ema: bool = True) -> Path:
         net = self.net_ema if use_ema else self.net
-        extra = {"trained_on": str(self.recipe.data.path), "ema": use_ema, "data": {"kind": "image", "range": [-1.0, 1.0]}}
+        extra = {
+            "trained_on": str(self.recipe.data.path),
+            "ema": use_ema,
+            "data": {"kind": "image", "range": [-1.0, 1.0]},
+        }
         return save_pretrained_denoiser(net, directory, extra)

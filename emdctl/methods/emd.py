@@ -9,9 +9,6 @@ Diff-Instruct direction.
 
 from __future__ import annotations
 
-
-import torch
-
 from .. import kernels
 from ..langevin import e_step
 from ..rng import derive_seed
@@ -30,8 +27,15 @@ class EMD(DistillationMethod):
         def update(d_t, d_f, eps, ledger, sigma, k):
             seed = derive_seed(draws.seed, draws.iteration, f"emd/xi_eps/{k}")
             return kernels.fused_eps_update(
-                d_t.contiguous(), d_f.contiguous(), eps, ledger, sigma, lang.gamma_eps, lang.prior_pull,
-                seed, row_offset=rows.start,
+                d_t.contiguous(),
+                d_f.contiguous(),
+                eps,
+                ledger,
+                sigma,
+                lang.gamma_eps,
+                lang.prior_pull,
+                seed,
+                row_offset=rows.start,
             )
 
         return update
@@ -39,24 +43,30 @@ class EMD(DistillationMethod):
     def generator_direction(self, draws, rows: slice):
         lang = self.recipe.method.langevin
         shape = self.global_shape()
-        sigma = self.draw_sigma(draws, "gen/sigma", self.recipe.method.noise_levels, rows)
-        labels = self.draw_labels(draws, "gen/labels", rows)
-        z0 = draws.normal("gen/z", shape, rows)
-        eps0 = draws.normal("gen/eps", shape, rows)
+        sigma, labels, z0, eps0 = self.generator_inputs(draws, rows)
         fused = self._fused_update(draws, rows)
         xi_eps = None if fused else [draws.normal(f"emd/xi_eps/{k}", shape, rows) for k in range(lang.steps)]
         xi_z = [draws.normal(f"emd/xi_z/{k}", shape, rows) for k in range(lang.steps)] if lang.gamma_z > 0 else None
         gamma_z = lang.gamma_z
         if lang.gamma_z > 0 and lang.z_step_scaling == "sigma2":
-            sd2 = self.generator.denoiser.sigma_data ** 2
+            sd2 = self.generator.denoiser.sigma_data**2
             gamma_z = lang.gamma_z * sigma.square() / (sigma.square() + sd2)
         res = e_step(
             self.gen_fn,
             self.teacher_fn,
             self.fake_fn,
-            z0, eps0, sigma, labels, xi_eps, xi_z,
-            steps=lang.steps, gamma_eps=lang.gamma_eps, gamma_z=gamma_z,
-            cancel_noise=lang.cancel_noise, cancel_noise_z=lang.cancel_noise_z, prior_pull=lang.prior_pull,
+            z0,
+            eps0,
+            sigma,
+            labels,
+            xi_eps,
+            xi_z,
+            steps=lang.steps,
+            gamma_eps=lang.gamma_eps,
+            gamma_z=gamma_z,
+            cancel_noise=lang.cancel_noise,
+            cancel_noise_z=lang.cancel_noise_z,
+            prior_pull=lang.prior_pull,
             fused_update=fused,
         )
         x0 = self.generator_ddp(res.z, labels)

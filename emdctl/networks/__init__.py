@@ -25,15 +25,27 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "ddpmpp": (
         "songunet",
         dict(
-            model_channels=128, channel_mult=[2, 2, 2], embedding_type="positional", encoder_type="standard",
-            decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], dropout=0.13,
+            model_channels=128,
+            channel_mult=[2, 2, 2],
+            embedding_type="positional",
+            encoder_type="standard",
+            decoder_type="standard",
+            channel_mult_noise=1,
+            resample_filter=[1, 1],
+            dropout=0.13,
         ),
     ),
     "ncsnpp": (
         "songunet",
         dict(
-            model_channels=128, channel_mult=[2, 2, 2], embedding_type="fourier", encoder_type="residual",
-            decoder_type="standard", channel_mult_noise=2, resample_filter=[1, 3, 3, 1], dropout=0.13,
+            model_channels=128,
+            channel_mult=[2, 2, 2],
+            embedding_type="fourier",
+            encoder_type="residual",
+            decoder_type="standard",
+            channel_mult_noise=2,
+            resample_filter=[1, 3, 3, 1],
+            dropout=0.13,
         ),
     ),
     "adm": ("dhariwalunet", dict(model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.10)),
@@ -42,7 +54,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_network(arch: str, img_shape, label_dim: int, arch_kwargs: dict, out_channels: int | None = None) -> nn.Module:
+def build_network(
+    arch: str, img_shape, label_dim: int, arch_kwargs: dict, out_channels: int | None = None
+) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
     kw = copy.deepcopy(arch_kwargs)
@@ -50,9 +64,7 @@ def build_network(arch: str, img_shape, label_dim: int, arch_kwargs: dict, out_c
         c, h, w = img_shape
         if h != w:
             raise ValueError(f"{arch} needs square images, got {h}x{w}")
-        return ARCHS[arch](
-            img_resolution=h, in_channels=c, out_channels=out_channels or c, label_dim=label_dim, **kw
-        )
+        return ARCHS[arch](img_resolution=h, in_channels=c, out_channels=out_channels or c, label_dim=label_dim, **kw)
     if arch == "mlp":
         (d,) = img_shape
         return MLP(d, label_dim=label_dim, **kw)

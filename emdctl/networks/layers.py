@@ -29,7 +29,9 @@ def init_tensor(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1.0, init_bias=0.0):
+    def __init__(
+        self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1.0, init_bias=0.0
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
@@ -49,8 +51,18 @@ class Conv2d(nn.Module):
     """3x3/1x1 convolution with optional FIR up/downsampling (kernel=0: resampling only)."""
 
     def __init__(
-        self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=(1, 1),
-        fused_resample=False, init_mode="kaiming_normal", init_weight=1.0, init_bias=0.0,
+        self,
+        in_channels,
+        out_channels,
+        kernel,
+        bias=True,
+        up=False,
+        down=False,
+        resample_filter=(1, 1),
+        fused_resample=False,
+        init_mode="kaiming_normal",
+        init_weight=1.0,
+        init_bias=0.0,
     ):
         assert not (up and down)
         super().__init__()
@@ -133,9 +145,24 @@ class UNetBlock(nn.Module):
     """Residual block with optional up/downsampling and self-attention (DDPM++, NCSN++ and ADM)."""
 
     def __init__(
-        self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, num_heads=None,
-        channels_per_head=64, dropout=0.0, skip_scale=1.0, eps=1e-5, resample_filter=(1, 1), resample_proj=False,
-        adaptive_scale=True, init=None, init_zero=None, init_attn=None,
+        self,
+        in_channels,
+        out_channels,
+        emb_channels,
+        up=False,
+        down=False,
+        attention=False,
+        num_heads=None,
+        channels_per_head=64,
+        dropout=0.0,
+        skip_scale=1.0,
+        eps=1e-5,
+        resample_filter=(1, 1),
+        resample_proj=False,
+        adaptive_scale=True,
+        init=None,
+        init_zero=None,
+        init_attn=None,
     ):
         super().__init__()
         init = init or {}
@@ -156,7 +183,9 @@ class UNetBlock(nn.Module):
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if (resample_proj or out_channels != in_channels) else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init)
+            self.skip = Conv2d(
+                in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init
+            )
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv = Conv2d(out_channels, out_channels * 3, 1, **(init_attn if init_attn is not None else init))
@@ -186,8 +215,8 @@ class UNetBlock(nn.Module):
         # qkv channels are laid out [head][channel][q|k|v], as in the official checkpoints.
         n, c, hh, ww = h.shape
         heads = self.num_heads
-        q, k, v = self.qkv(h).reshape(n * heads, c // heads, 3, hh * ww).unbind(2)
-        # [N*heads, C/heads, HW] -> [N*heads, HW, C/heads]; SDPA scales by 1/sqrt(C/heads) like EDM
+        q, k, v = self.qkv(h).reshape(n, heads, c // heads, 3, hh * ww).unbind(3)
+        # [N, heads, C/heads, HW] -> [N, heads, HW, C/heads]; SDPA scales by 1/sqrt(C/heads) like EDM
         # and keeps softmax statistics in float32 (flash attention on GPU).
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return a.transpose(1, 2).reshape(n, c, hh, ww)
+        a = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
+        return a.transpose(2, 3).reshape(n, c, hh, ww)

@@ -34,7 +34,13 @@ class Denoiser(nn.Module):
 
     # -- interface -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # float64 only end to end (float64 input and weights: exactness tests); otherwise float32, as
+        # EDM's preconditioners do. The result comes back in the caller's dtype (samplers keep their
+        # ODE state in float64).
+        out_dtype = x.dtype
+        param = next(self.parameters(), None)
+        wide = x.dtype == torch.float64 and (param is None or param.dtype == torch.float64)
+        dtype = torch.float64 if wide else torch.float32
         x = x.to(dtype)
         sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
@@ -46,7 +52,7 @@ class Denoiser(nn.Module):
             )
         else:
             labels = None
-        return self._denoise(x, sigma, labels)
+        return self._denoise(x, sigma, labels).to(out_dtype)
 
     def score(self, x, sigma, labels=None):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)

@@ -148,7 +148,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             obj = _numpy_global(name)
             if obj is not None:
                 return obj
-        raise Refused(f"refusing to load {module}.{name} from the pickle: it is not network data and could execute code")
+        raise Refused(
+            f"refusing to load {module}.{name} from the pickle: it is not network data and could execute code"
+        )
 
     def persistent_load(self, pid):
         raise Refused("refusing a pickle with persistent ids (not an EDM network pickle)")
@@ -163,8 +165,17 @@ def restricted_load(path: Path):
             return RestrictedUnpickler(f).load()
     except Refused as e:
         raise UserError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            RuntimeError, OSError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        RuntimeError,
+        OSError,
+    ) as e:
         raise UserError(f"{path}: not a readable EDM network pickle (corrupt or truncated: {e})") from None
 
 
@@ -249,7 +260,9 @@ def load_edm_pickle(path: Path, key: str = "ema") -> Denoiser:
     data = restricted_load(path)
     net = data.get(key) if isinstance(data, dict) else data
     if not isinstance(net, PersistedObject):
-        raise UserError(f"{path}: no persisted network under {key!r} (keys: {list(data) if isinstance(data, dict) else '-'})")
+        raise UserError(
+            f"{path}: no persisted network under {key!r} (keys: {list(data) if isinstance(data, dict) else '-'})"
+        )
     config = denoiser_config_from_persisted(net, str(path))
     try:
         den = build_denoiser(config)

@@ -23,13 +23,27 @@ PRESETS = {
         scale=0.1,
     ),
     "ring8": dict(weights=[1 / 8] * 8, angles=8, radius=2.0, scale=0.1),
+    # The 5x5 grid of the mode-collapse literature (spacing 2), weights spread over a factor of 8.
+    "grid25-unequal": dict(
+        weights=[1, 8, 2, 5, 3, 6, 1, 4, 7, 2, 3, 5, 8, 1, 6, 2, 7, 3, 4, 1, 5, 2, 6, 8, 3],
+        grid=5,
+        spacing=2.0,
+        scale=0.1,
+    ),
 }
 
 
 def preset_mixture(name: str) -> dict:
     p = PRESETS[name]
+    if "grid" in p:
+        k, h = p["grid"], p["spacing"]
+        offs = [(i - (k - 1) / 2) * h for i in range(k)]
+        means = [[x, y] for x in offs for y in offs]
+        return dict(weights=list(p["weights"]), means=means, scales=[p["scale"]] * (k * k))
     k = p["angles"]
-    means = [[p["radius"] * math.cos(2 * math.pi * i / k), p["radius"] * math.sin(2 * math.pi * i / k)] for i in range(k)]
+    means = [
+        [p["radius"] * math.cos(2 * math.pi * i / k), p["radius"] * math.sin(2 * math.pi * i / k)] for i in range(k)
+    ]
     return dict(weights=list(p["weights"]), means=means, scales=[p["scale"]] * k)
 
 

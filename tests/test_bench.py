@@ -1,0 +1,48 @@
+"""`emdctl bench` runs on a CPU with tiny networks and reports ratios against its own baseline."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from emdctl.bench import run_bench
+from emdctl.cli import app
+
+
+def test_bench_sections_and_ratios():
+    res = run_bench("tiny", batch=2, K=1, device_name="cpu", dtype="fp32", iters=1, warmup=0)
+    names = list(res["results"])
+    assert len(names) == 5 and names[0] == "denoiser forward" and "EMD-1 training iteration" in names
+    for row in res["results"].values():
+        assert row["baseline"] > 0 and row["configured"] > 0
+        assert abs(row["ratio"] - row["configured"] / row["baseline"]) < 1e-9
+    assert res["info"]["baseline"] == "eager fp32" and res["info"]["torch"]
+
+
+def test_bench_cli_table_and_bad_input(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        [
+            "bench",
+            "--net",
+            "mlp",
+            "--batch",
+            "4",
+            "--k",
+            "1",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "ratio" in r.stdout and (tmp_path / "b.json").is_file()
+    r = runner.invoke(app, ["bench", "--net", "gpt"])
+    assert r.exit_code == 2 and "--net" in r.stderr

@@ -1,0 +1,251 @@
+"""Evaluation: metrics behave on known cases, feature spaces load safely, generators are evaluated
+in memory, torch-fidelity's ONNX input works with emdctl's feature space."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emdctl.data import open_dataset
+from emdctl.errors import UserError
+from emdctl.evaluation import inception
+from emdctl.evaluation.classifier import train_feature_net
+from emdctl.evaluation.fidelity import (
+    compute_metrics,
+    evaluate_command,
+    features_of_dataset,
+    get_reference,
+    open_feature_space,
+    reference_from_features,
+)
+
+from .conftest import make_generator
+
+
+def blobs(n, classes=range(10), seed=0, noise=0.0):
+    """16x16 grey images: a bright square whose position encodes the class (0..9), plus jitter."""
+    g = np.random.default_rng(seed)
+    x = g.normal(40, 10, size=(n, 16, 16, 1))
+    y = g.choice(list(classes), size=n)
+    for i, c in enumerate(y):
+        r, col = divmod(int(c), 5)
+        dr, dc = g.integers(0, 3, size=2)
+        x[i, 2 + 7 * r + dr : 6 + 7 * r + dr, 1 + 3 * col + dc : 4 + 3 * col + dc] += 180
+    x = x + g.normal(0, noise, size=x.shape)
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+def write_npz(path, x, y=None):
+    np.savez(path, arr_0=x, **({"arr_1": y} if y is not None else {}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def feature_file(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("features")
+    x, y = blobs(3000)
+    data = write_npz(tmp / "train.npz", x, y)
+    info = train_feature_net(data, tmp / "features.safetensors", epochs=2, batch=128, lr=3e-3, log=lambda m: None)
+    assert info["held_out_accuracy"] > 0.9
+    return tmp / "features.safetensors"
+
+
+@pytest.fixture(scope="module")
+def fs(feature_file):
+    return open_feature_space(f"classifier:{feature_file}")
+
+
+def feats(fs, tmp_path, x, name):
+    return features_of_dataset(fs, open_dataset(write_npz(tmp_path / f"{name}.npz", x)), 256)
+
+
+def test_fd_of_a_set_against_itself_is_zero(fs, tmp_path):
+    a = feats(fs, tmp_path, blobs(1500, seed=1)[0], "a")
+    ref = reference_from_features(a, fs, {})
+    m = compute_metrics(["fid", "prc"], a, ref, fs)
+    # zero up to the eigen-solver's rounding, relative to the size of the features' covariance
+    # (KID's unbiased estimator is checked on independent samples in the next test: against the
+    # very same set its cross term holds identical pairs and it comes out negative by design)
+    assert abs(m["fd"]) < 1e-6 * float(np.trace(ref.sigma))
+    assert m["precision"] == pytest.approx(1.0) and m["recall"] == pytest.approx(1.0)
+
+
+def test_fd_grows_monotonically_with_noise(fs, tmp_path):
+    ref = reference_from_features(feats(fs, tmp_path, blobs(1500, seed=2)[0], "ref"), fs, {})
+    values = []
+    for noise in (0, 15, 30, 60, 90):
+        x = blobs(1500, seed=3, noise=noise)[0]
+        values.append(compute_metrics(["fid", "kid"], feats(fs, tmp_path, x, f"n{noise}"), ref, fs))
+    fds = [v["fd"] for v in values]
+    kids = [v["kid"] for v in values]
+    assert all(a < b for a, b in zip(fds, fds[1:], strict=False)), fds
+    assert all(a < b for a, b in zip(kids, kids[1:], strict=False)), kids
+    assert abs(kids[0]) < 0.02 * kids[-1]  # same distribution, other samples: KID ~ 0
+
+
+def test_precision_recall_and_inception_score_on_known_cases(fs, tmp_path):
+    full = reference_from_features(feats(fs, tmp_path, blobs(2000, seed=4)[0], "full"), fs, {})
+    half = feats(fs, tmp_path, blobs(2000, classes=range(5), seed=5)[0], "half")
+    m = compute_metrics(["prc", "isc"], half, full, fs)
+    assert m["precision"] > 0.9 and m["recall"] < 0.75  # dropped modes: precise, low recall
+    balanced = compute_metrics(["isc"], feats(fs, tmp_path, blobs(2000, seed=6)[0], "bal"), None, fs)["is"]
+    single = compute_metrics(["isc"], feats(fs, tmp_path, blobs(2000, classes=[3], seed=7)[0], "one"), None, fs)["is"]
+    assert balanced > 7 and single < 1.5
+
+
+def test_reference_cache_and_mismatched_feature_space(fs, feature_file, tmp_path):
+    data = write_npz(tmp_path / "ref.npz", blobs(500, seed=8)[0])
+    r1 = get_reference(data, fs, 128, None, log=lambda m: None)
+    r2 = get_reference(data, fs, 128, None, log=lambda m: None)  # from the cache
+    assert np.array_equal(r1.mu, r2.mu)
+    other_file = tmp_path / "other.safetensors"
+    x, y = blobs(600, seed=9)
+    train_feature_net(write_npz(tmp_path / "t.npz", x, y), other_file, epochs=1, batch=128, log=lambda m: None)
+    from emdctl.evaluation.fidelity import load_reference, reference_cache_path
+
+    with pytest.raises(UserError, match="feature space"):
+        load_reference(reference_cache_path(data, fs, None), open_feature_space(f"classifier:{other_file}"))
+
+
+def test_missing_inception_weights_offline():
+    with pytest.raises(UserError) as e:
+        open_feature_space("inception")
+    msg = e.value.message
+    assert "weights-inception-2015-12-05-6726825d.pth" in msg and "--inception-weights" in msg
+    assert "classifier:PATH" in msg
+
+
+@pytest.fixture(scope="module")
+def inception_files(tmp_path_factory):
+    """Random Inception weights in pytorch-fid's (torchvision) layout and in torch-fidelity's."""
+    import torchvision
+
+    tmp = tmp_path_factory.mktemp("inception")
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=1008)
+    sd = net.state_dict()
+    torch.save(sd, tmp / "pt_inception-2015-12-05-6726825d.pth")
+    torch.save(inception.convert_state_dict(sd), tmp / "weights-inception-2015-12-05-6726825d.pth")
+    return tmp / "pt_inception-2015-12-05-6726825d.pth", tmp / "weights-inception-2015-12-05-6726825d.pth"
+
+
+def test_both_published_inception_layouts_load_to_the_same_network(inception_files):
+    a = open_feature_space("inception", inception_files[0])
+    b = open_feature_space("inception", inception_files[1])
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    fa, fb = a.extract(x), b.extract(x)
+    assert fa["2048"].shape == (2, 2048) and torch.equal(fa["2048"], fb["2048"])
+    assert torch.equal(a.extract(x[:, :1])["2048"], a.extract(x[:, :1].expand(-1, 3, -1, -1))["2048"])  # grey
+
+
+def test_inception_weights_never_run_code(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"Conv2d_1a_3x3.conv.weight": Evil()}, f)
+    with pytest.raises(UserError, match="not a readable Inception weights file"):
+        open_feature_space("inception", bad)
+    assert not marker.exists()
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(UserError, match="does not fit Inception-v3"):
+        open_feature_space("inception", wrong)
+
+
+# --------------------------------------------------------------------------------------------
+# Generators
+
+
+@pytest.fixture(scope="module")
+def gray_generator(tmp_path_factory):
+    return make_generator(tmp_path_factory.mktemp("g") / "generator", shape=(1, 16, 16), attn=())
+
+
+def test_evaluate_a_generator_in_memory_with_seed_ranges(gray_generator, feature_file, tmp_path):
+    ref = write_npz(tmp_path / "ref.npz", blobs(400, seed=10)[0])
+    res = evaluate_command(
+        ["all"],
+        gray_generator,
+        ref,
+        f"classifier:{feature_file}",
+        0,
+        [list(range(0, 300)), list(range(300, 600))],
+        128,
+        "cpu",
+        log=lambda m: None,
+    )
+    assert len(res["runs"]) == 2 and res["comparable_to_published"] is False
+    assert "not comparable to published FID" in res["feature_space"]
+    s = res["summary"]["fd"]
+    assert s["min"] <= s["mean"] and s["min"] > 0
+    # the same images written by `emdctl sample` give the same FD
+    from emdctl.sampling import sample_command
+
+    sample_command(
+        gray_generator,
+        None,
+        list(range(300)),
+        tmp_path / "s",
+        64,
+        1,
+        "npz",
+        None,
+        True,
+        "auto",
+        "cpu",
+        show_progress=False,
+    )
+    res2 = evaluate_command(
+        ["fid"],
+        tmp_path / "s" / "samples.npz",
+        ref,
+        f"classifier:{feature_file}",
+        300,
+        None,
+        128,
+        "cpu",
+        log=lambda m: None,
+    )
+    assert res2["runs"][0]["fd"] == pytest.approx(res["runs"][0]["fd"], rel=1e-6)
+
+
+def test_torch_fidelity_onnx_input_with_emdctl_features(gray_generator, feature_file, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import torch_fidelity
+
+    from emdctl.data import ImagesOnly
+    from emdctl.evaluation import classifier
+    from emdctl.export import export_command
+
+    out = export_command(gray_generator, "onnx", tmp_path / "onnx")
+    assert out["verified"]["max_abs_diff"] <= 1
+    classifier.register()
+    ref = ImagesOnly(open_dataset(write_npz(tmp_path / "ref.npz", blobs(200, seed=11)[0])))
+    cfg = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    m = torch_fidelity.calculate_metrics(
+        input1=out["path"],
+        input1_model_z_size=cfg["z_size"],
+        input1_model_z_type="normal",
+        input1_model_num_classes=0,
+        input1_model_num_samples=200,
+        input2=ref,
+        fid=True,
+        cuda=False,
+        feature_extractor=classifier.NAME,
+        feature_extractor_weights_path=str(feature_file),
+        verbose=False,
+        cache=False,
+    )
+    assert np.isfinite(m["frechet_inception_distance"]) and m["frechet_inception_distance"] > 0
