@@ -408,42 +408,71 @@ def demo_mixture_cmd(
 ):
     """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
     from .demo import demo_mixture
-    from .recipe import _parse_image_count
 
     if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
         raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
-    try:
-        images = _parse_image_count(budget)
-    except ValueError as e:
-        raise UserError(f"--budget {budget!r}: {e}") from None
-    demo_mixture(out_dir, images, preset, k, seed, err)
+    demo_mixture(out_dir, _budget(budget), preset, k, seed, err)
+
+
+@demo_app.command("loop")
+@handles_errors
+def demo_loop_cmd(
+    recipe: Annotated[Path, typer.Argument(help="The distillation recipe (its teacher, unless --teacher-train).")],
+    data: Annotated[Path, typer.Option(help="The real, labelled images: EDM zip, MNIST directory, ...")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where everything goes.")] = Path("runs/demo-loop"),
+    teacher_train: Annotated[Path | None, typer.Option(help="Train this teacher first (teacher-train recipe).")] = None,
+    budget: Annotated[str | None, typer.Option(help="Training images per method (default: the recipe's).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Samples per model (10k-50k for real evaluations).")] = 10000,
+    teacher_steps: Annotated[int, typer.Option(help="Teacher sampler steps (Heun/Euler; DDPM for discrete).")] = 35,
+    features: Annotated[Path | None, typer.Option(help="A classifier feature file (trained here if absent).")] = None,
+    inception_weights: Annotated[
+        Path | None, typer.Option(help="Also report Inception FID with these weights.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """The quality loop: [train teacher] -> features -> teacher samples -> EMD and Diff-Instruct on the
+    same budget -> FD to teacher and data, recall, flat-image fraction, side by side (resumable)."""
+    from .demo import demo_loop
+
+    demo_loop(
+        out_dir,
+        recipe,
+        data,
+        _budget(budget) if budget else None,
+        n,
+        teacher_steps,
+        teacher_train,
+        features,
+        inception_weights,
+        device,
+        err,
+    )
 
 
 @demo_app.command("mnist")
 @handles_errors
 def demo_mnist_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Where runs, samples and plots go.")] = Path("runs/demo-mnist"),
-    recipe: Annotated[Path, typer.Option(help="The distillation recipe naming the MNIST teacher.")] = Path(
-        "recipes/mnist.yaml"
-    ),
+    recipe: Annotated[Path, typer.Option(help="The recipe naming the MNIST teacher.")] = Path("recipes/mnist.yaml"),
     budget: Annotated[str, typer.Option(help="Training images per method.")] = "16k",
     n: Annotated[int, typer.Option("--n", help="Samples per model for the evaluation.")] = 1024,
-    mnist: Annotated[Path, typer.Option(help="MNIST idx directory (real data and the feature space).")] = Path(
-        "../shared/data/mnist"
-    ),
+    mnist: Annotated[Path, typer.Option(help="MNIST idx directory.")] = Path("../shared/data/mnist"),
     features: Annotated[Path | None, typer.Option(help="A classifier feature file (trained here if absent).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
-    """EMD and Diff-Instruct distil the MNIST DDPM on the same budget; distances to the teacher's own
-    1000-step samples and the fraction of flat images, for the initial generator and both students."""
-    from .demo import demo_mnist
+    """The quality loop on the pretrained MNIST DDPM, its own 1000-step samples as the reference."""
+    from .demo import demo_loop
+
+    demo_loop(out_dir, recipe, mnist, _budget(budget), n, 1000, None, features, None, device, err)
+
+
+def _budget(text: str) -> int:
     from .recipe import _parse_image_count
 
     try:
-        images = _parse_image_count(budget)
+        return _parse_image_count(text)
     except ValueError as e:
-        raise UserError(f"--budget {budget!r}: {e}") from None
-    demo_mnist(out_dir, recipe, images, n, mnist, features, device, err)
+        raise UserError(f"--budget {text!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 mixture: an analytic mixture teacher; per-mode mass and its total-variation distance to the true
 weights, mode recall, sliced Wasserstein; one scatter plot per method (PNG).
-mnist:   the pretrained MNIST DDPM; FD in the offline classifier feature space to the teacher's own
-1000-step samples (not to real MNIST: the teacher is imperfect) and to real MNIST, and the
-fraction of degenerate flat images, for the initial generator, EMD and Diff-Instruct (PNG grids).
+loop:    the quality loop on images: optionally train an EDM teacher, train the offline classifier
+         feature space, sample the teacher, distill it with both methods, and report feature-space
+         distances to the teacher's samples and to the real data (plus Inception FID when weights
+         are given), recall and the fraction of degenerate flat images, for the initial generator,
+         EMD and Diff-Instruct (PNG grids side by side). `demo mnist` is this loop on the pretrained
+         MNIST DDPM with its own 1000-step samples as the reference (not real MNIST alone: the
+         teacher is imperfect, and a faithful student reproduces its flaws).
 Everything is resumable: re-running the same command continues where it stopped.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import yaml
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -82,16 +87,22 @@ def demo_mixture(out: Path, budget: int, preset: str, steps: int, seed: int, con
     return summary
 
 
-def demo_mnist(
+def demo_loop(
     out: Path,
-    teacher_recipe: Path,
-    budget: int,
+    distill_recipe: Path,
+    data: Path,
+    budget: int | None,
     n: int,
-    mnist: Path,
-    features: Path | None,
-    device: str,
-    console: Console,
+    teacher_steps: int,
+    teacher_train: Path | None = None,
+    features: Path | None = None,
+    inception_weights: Path | None = None,
+    device: str = "auto",
+    console: Console | None = None,
 ) -> dict:
+    """The quality loop: [train the teacher], train the feature space, sample the teacher, distill it
+    with EMD and Diff-Instruct on the same budget, and evaluate every model against the teacher's
+    samples and the real data."""
     from .distributed import resolve_device
     from .evaluation.classifier import train_feature_net
     from .evaluation.fidelity import compute_metrics, open_feature_space, reference_from_features
@@ -102,41 +113,54 @@ def demo_mnist(
     from .storage import load_state_strict
     from .teachers import load_teacher
 
+    console = console or Console(stderr=True)
     dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
-    if not Path(mnist).exists():
-        raise UserError(f"{mnist}: no such MNIST directory (--mnist, the official idx files)")
-    features = features or out / "mnist-features.safetensors"
-    if not Path(features).exists():
-        console.print("training the classifier feature space on MNIST")
-        train_feature_net(mnist, features, epochs=3, device=str(dev), log=lambda m: console.print(m))
-    fs = open_feature_space(f"classifier:{features}", device=dev)
+    if not Path(data).exists():
+        raise UserError(f"{data}: no such dataset (--data: the real images, labelled, for the feature space)")
+    base = read_yaml(distill_recipe)
+    if not isinstance(base, dict):
+        raise UserError(f"{distill_recipe}: not a distillation recipe")
+    if teacher_train is not None:
+        t = parse_recipe(read_yaml(teacher_train), str(teacher_train))
+        console.print(f"[bold]teacher[/]: training {t.duration:,} images ({teacher_train})", highlight=False)
+        run_recipe(t, run_dir=out / "teacher-train", console=console)
+        base["teacher"] = {"kind": "pretrained", "path": str(out / "teacher-train" / "teacher")}
+    recipe_file = out / "distill-recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(base, sort_keys=False))
 
-    console.print(f"teacher samples: {n} with its own 1000-step ancestral sampler")
+    features = features or out / "features.safetensors"
+    if not Path(features).exists():
+        console.print(f"training the classifier feature space on {data}")
+        train_feature_net(data, features, epochs=3, device=str(dev), log=lambda m: console.print(m))
+    spaces = {"classifier": open_feature_space(f"classifier:{features}", device=dev)}
+    if inception_weights is not None:
+        spaces["inception"] = open_feature_space("inception", inception_weights, dev)
+
+    console.print(f"teacher samples: {n} at {teacher_steps} steps")
     sample_command(
         None,
-        teacher_recipe,
+        recipe_file,
         list(range(n)),
-        out / "teacher-1000",
+        out / "teacher-samples",
         256,
-        1000,
+        teacher_steps,
         "npz",
         None,
         True,
-        "ddpm",
+        "auto",
         device,
         show_progress=True,
     )
 
-    base = read_yaml(teacher_recipe)
-    recipes = _variants(base, budget, base.get("method", {}).get("langevin", {}).get("steps", 8))
-    for name, data in recipes.items():
-        data["name"] = f"demo-mnist-{name}"
+    budget = budget or parse_recipe(base, str(distill_recipe)).duration
+    for name, variant in _variants(base, budget, base.get("method", {}).get("langevin", {}).get("steps", 8)).items():
+        variant["name"] = f"demo-{name}"
         console.print(f"[bold]{name}[/]: {budget:,} images", highlight=False)
-        run_recipe(parse_recipe(data, f"demo ({name})"), run_dir=out / name, console=console)
+        run_recipe(parse_recipe(variant, f"demo ({name})"), run_dir=out / name, console=console)
 
-    r = parse_recipe(base, str(teacher_recipe))
-    init_dir = out / "init-generator"
+    r = parse_recipe(base, str(distill_recipe))
+    init_dir = out / "initial-generator"
     if not (init_dir / "config.json").exists():
         teacher = load_teacher(r.teacher, seed=r.seed)
         gen = build_generator(teacher.student_config, r.generator.sigma_star, r.generator.arch_overrides)
@@ -144,49 +168,53 @@ def demo_mnist(
         gen.save_pretrained(init_dir, {"kind": "image", "range": [-1.0, 1.0]})
 
     sources = {
-        "teacher (1000 steps)": out / "teacher-1000" / "samples.npz",
-        "initial generator": init_dir,
-        "EMD": out / "emd",
-        "Diff-Instruct": out / "diff-instruct",
-        "real MNIST": Path(mnist),
+        f"teacher ({teacher_steps} steps)": out / "teacher-samples" / "samples.npz",
+        "initial generator (1 step)": init_dir,
+        "EMD (1 step)": out / "emd",
+        "Diff-Instruct (1 step)": out / "diff-instruct",
+        "real data": Path(data),
     }
-    images = {
-        name: images_of(src, n, device=dev, seeds=list(range(10_000_000, 10_000_000 + n)))
-        for name, src in sources.items()
-    }
-    feats = {name: fs.extract_batched(x) for name, x in images.items()}
-    ref_teacher = reference_from_features(feats["teacher (1000 steps)"], fs, {})
-    ref_real = reference_from_features(feats["real MNIST"], fs, {})
-    results = {}
-    for name in sources:
-        results[name] = {
-            "fd_to_teacher": compute_metrics(["fid"], feats[name], ref_teacher, fs)["fd"],
-            "fd_to_real_mnist": compute_metrics(["fid"], feats[name], ref_real, fs)["fd"],
-            **pixel_statistics(images[name]),
-        }
-    table = Table(title=f"MNIST DDPM distilled for {budget:,} images; {n} samples each\n{fs.label}")
+    eval_seeds = list(range(10_000_000, 10_000_000 + n))  # not the seeds the teacher samples used
+    images = {name: images_of(src, n, device=dev, seeds=eval_seeds) for name, src in sources.items()}
+    teacher_name, real_name = next(iter(sources)), "real data"
+    results: dict[str, dict] = {name: pixel_statistics(x) for name, x in images.items()}
+    for space, fs in spaces.items():
+        feats = {name: fs.extract_batched(x) for name, x in images.items()}
+        ref_t = reference_from_features(feats[teacher_name], fs, {})
+        ref_r = reference_from_features(feats[real_name], fs, {})
+        label = "FID" if fs.comparable else "FD_classifier"
+        for name in sources:
+            results[name][f"{label} to teacher"] = compute_metrics(["fid"], feats[name], ref_t, fs)["fd"]
+            results[name][f"{label} to real"] = compute_metrics(["fid"], feats[name], ref_r, fs)["fd"]
+            results[name][f"recall to real ({space})"] = compute_metrics(["prc"], feats[name], ref_r, fs)["recall"]
+    table = Table(
+        title=f"{distill_recipe}: {budget:,} training images per method, {n} samples per model\n"
+        + "; ".join(fs.label for fs in spaces.values())
+    )
     table.add_column("quantity")
     for name in sources:
         table.add_column(name, justify="right")
-    for key in (
-        "fd_to_teacher",
-        "fd_to_real_mnist",
-        "flat_fraction",
-        "flat_white_fraction",
-        "flat_grey_fraction",
-        "mean_brightness",
-        "mean_contrast",
-    ):
+    keys = [k for k in results[teacher_name] if " to " in k or k.startswith("recall")]
+    keys += ["flat_fraction", "flat_white_fraction", "flat_grey_fraction", "mean_brightness", "mean_contrast"]
+    for key in keys:
         table.add_row(key, *[f"{results[s][key]:.4g}" for s in sources])
     console.print(table)
     grids = []
-    for name, x in images.items():
-        p = out / f"grid-{name.split()[0].lower().replace('-', '')}.png"
+    for i, (_name, x) in enumerate(images.items()):
+        p = out / f"grid-{i}.png"
         save_image_grid(x[:64], p)
         grids.append(p)
     _side_by_side(grids, out / "grids-side-by-side.png")
     atomic_write_json(
-        out / "summary.json", {"budget_images": budget, "samples": n, "feature_space": fs.label, "results": results}
+        out / "summary.json",
+        {
+            "budget_images": budget,
+            "samples": n,
+            "teacher_steps": teacher_steps,
+            "feature_spaces": [fs.label for fs in spaces.values()],
+            "sources": {k: str(v) for k, v in sources.items()},
+            "results": results,
+        },
     )
     console.print(f"image grids (teacher, initial, EMD, Diff-Instruct, real): {out / 'grids-side-by-side.png'}")
     return results

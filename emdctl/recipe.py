@@ -299,7 +299,8 @@ class Precision(Strict):
     dtype: Literal["fp32", "bf16"] = "fp32"
     tf32: bool = False
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # CUDA: the whole E-step as one graph, the other network calls individually
+    cuda_graphs: bool = False  # CUDA, with compile and gamma_z = 0: replay the E-step as a CUDA graph
     checkpointing: bool = False
 
 

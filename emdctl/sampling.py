@@ -3,9 +3,9 @@
 Every image is a function of its seed alone: its latents and noise come from its own generator
 (rng.PerSeedRandom), and the network is always evaluated on chunks of exactly SAMPLING_CHUNK rows
 (the last chunk padded), because GPU and CPU kernels are not batch-size invariant at the last bit.
-So the pixels are the same at any --batch and any number of processes. Seeds are processed in
-shards of 1000; a finished shard is recorded and skipped when the command is re-run, so an
-interrupted job resumes. Outputs:
+So the pixels are the same at any --batch and any number of processes. Every finished batch is
+recorded by its range of positions in the seed list, so a re-run (with any --batch) generates only
+what is missing; processes split the seeds in blocks of 1000. Outputs:
 
 * PNG: OUT/<seed // 1000 * 1000>/<seed>.png (NVlabs/edm's generate.py layout);
 * npz: OUT/samples.npz with arr_0 = uint8 [N, H, W, C] (the ADM/EDM evaluation layout) and, for
@@ -14,6 +14,8 @@ interrupted job resumes. Outputs:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +139,52 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
         img.save(tmp, format="PNG", compress_level=1)
 
 
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _uncovered(a: int, b: int, done: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    gaps, cur = [], a
+    for x, y in done:
+        if y <= cur or x >= b:
+            continue
+        if x > cur:
+            gaps.append((cur, x))
+        cur = max(cur, y)
+    if cur < b:
+        gaps.append((cur, b))
+    return gaps
+
+
+def _done_parts(state_dir: Path) -> list[tuple[int, int]]:
+    parts = []
+    for p in state_dir.glob("part-*.done"):
+        a, b = p.stem.split("-")[1:3]
+        parts.append((int(a), int(b)))
+    return _merge(parts)
+
+
+def _check_seeds(state_dir: Path, seeds: list[int]) -> None:
+    """An output directory belongs to one seed list; resuming with another would mix samples."""
+    digest = hashlib.sha256(np.asarray(seeds, dtype=np.int64).tobytes()).hexdigest()
+    record = state_dir / "seeds.json"
+    if record.exists():
+        old = json.loads(record.read_text())
+        if old.get("sha256") != digest:
+            raise UserError(
+                f"{state_dir.parent}: holds samples of other seeds ({old.get('n')} seeds from {old.get('first')}); "
+                "use another --out"
+            )
+    else:
+        atomic_write_json(record, {"n": len(seeds), "first": seeds[0], "last": seeds[-1], "sha256": digest})
+
+
 def run_sampling(
     fn: Callable,
     info: dict,
@@ -147,104 +195,88 @@ def run_sampling(
     rank: int = 0,
     world: int = 1,
     show_progress: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> dict:
-    """Generate `seeds` with `fn` into `out_dir`, skipping finished shards."""
+    """Generate `seeds` with `fn` into `out_dir`. Each finished batch is recorded (by its range of
+    positions in the seed list), so a re-run, with any --batch, generates only what is missing."""
     if fmt not in ("png", "npz", "both"):
         raise UserError(f"--format must be png, npz or both (got {fmt!r})")
     if batch <= 0:
         raise UserError("--batch must be positive")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state_dir = out_dir / ".shards"
-    state_dir.mkdir(exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _check_seeds(state_dir, seeds)
+    barrier()
     is_image = info["data"].get("kind") == "image"
     want_png = fmt in ("png", "both") and is_image
     want_npz = fmt in ("npz", "both") or not is_image
-    shards = [seeds[i : i + SHARD] for i in range(0, len(seeds), SHARD)]
-    mine = [(i, s) for i, s in enumerate(shards) if i % world == rank]
-    todo = [(i, s) for i, s in mine if not (state_dir / f"shard-{i:06d}.done").exists()]
-    done_before = sum(len(s) for _, s in mine) - sum(len(s) for _, s in todo)
+    n = len(seeds)
+    blocks = [(a, min(a + SHARD, n)) for a in range(0, n, SHARD)][rank::world]
+    done = _done_parts(state_dir)
+    todo = []
+    for a, b in blocks:
+        for gx, gy in _uncovered(a, b, done):
+            todo += [(x, min(x + batch, gy)) for x in range(gx, gy, batch)]
+    total = sum(b - a for a, b in blocks)
     t0 = time.time()
-    bar = tqdm(
-        total=sum(len(s) for _, s in mine),
-        initial=done_before,
-        unit="img",
-        disable=not show_progress,
-        desc="sampling",
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=total, initial=total - sum(b - a for a, b in todo), unit="img", disable=not show_progress,
+               desc="sampling", dynamic_ncols=True)  # fmt: skip
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for i, shard_seeds in todo:
-            chunks_x, chunks_y = [], []
-            for b in range(0, len(shard_seeds), batch):
-                part = shard_seeds[b : b + batch]
-                x, labels = in_chunks(fn, part)
-                x = x.cpu()
-                if is_image:
-                    arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
-                    if want_png:
-                        futures = [
-                            pool.submit(_write_png, out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png", a)
-                            for s, a in zip(part, arr, strict=True)
-                        ]
-                        for f in futures:
-                            f.result()
-                    chunks_x.append(arr)
-                else:
-                    chunks_x.append(x.numpy().astype(np.float32))
-                if labels is not None:
-                    chunks_y.append(labels.argmax(1).cpu().numpy())
-                bar.update(len(part))
+        for a, b in todo:
+            part = seeds[a:b]
+            x, labels = in_chunks(fn, part)
+            x = x.cpu()
+            if is_image:
+                arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
+                if want_png:
+                    files = [out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png" for s in part]
+                    for f in [pool.submit(_write_png, path, img) for path, img in zip(files, arr, strict=True)]:
+                        f.result()
+            else:
+                arr = x.numpy().astype(np.float32)
             if want_npz:
-                payload = {"x": np.concatenate(chunks_x), "seeds": np.asarray(shard_seeds, dtype=np.int64)}
-                if chunks_y:
-                    payload["y"] = np.concatenate(chunks_y)
-                with atomic_path(state_dir / f"shard-{i:06d}.npz") as tmp, open(tmp, "wb") as f:
+                payload = {"x": arr, "seeds": np.asarray(part, dtype=np.int64)}
+                if labels is not None:
+                    payload["y"] = labels.argmax(1).cpu().numpy()
+                with atomic_path(state_dir / f"part-{a:09d}-{b:09d}.npz") as tmp, open(tmp, "wb") as f:
                     np.savez(f, **payload)
-            atomic_write_json(state_dir / f"shard-{i:06d}.done", {"seeds": len(shard_seeds)})
+            atomic_write_json(state_dir / f"part-{a:09d}-{b:09d}.done", {"seeds": b - a})
+            bar.update(b - a)
     bar.close()
     elapsed = time.time() - t0
-    generated = sum(len(s) for _, s in todo)
-    summary = {
-        "images": len(seeds),
-        "generated_now": generated,
-        "seconds": elapsed,
-        "images_per_s": generated / elapsed if elapsed > 0 else None,
-    }
-    if rank == 0 and all((state_dir / f"shard-{i:06d}.done").exists() for i in range(len(shards))):
+    generated = sum(b - a for a, b in todo)
+    summary = {"images": n, "generated_now": generated, "seconds": elapsed,
+               "images_per_s": generated / elapsed if elapsed > 0 and generated else None}  # fmt: skip
+    barrier()
+    if rank == 0 and _done_parts(state_dir) == [(0, n)]:
         if want_npz:
-            summary["npz"] = str(assemble_npz(out_dir, len(shards)))
-        _preview(out_dir, shards, state_dir, is_image, want_npz)
-        atomic_write_json(out_dir / "sampling.json", {**info, "seeds": [seeds[0], seeds[-1]], "n": len(seeds)})
+            summary["npz"] = str(assemble_npz(out_dir))
+        _preview(out_dir, seeds, is_image, want_npz)
+        atomic_write_json(out_dir / "sampling.json", {**info, "seeds": [seeds[0], seeds[-1]], "n": n})
     return summary
 
 
-def _preview(out_dir: Path, shards, state_dir: Path, is_image: bool, have_npz: bool) -> None:
-    first = shards[0][:64]
+def _preview(out_dir: Path, seeds: list[int], is_image: bool, have_npz: bool) -> None:
     if have_npz:
-        with np.load(state_dir / "shard-000000.npz") as z:
-            x = torch.from_numpy(z["x"][: len(first)])
+        with np.load(out_dir / "samples.npz") as z:
+            x = torch.from_numpy(z["arr_0"][:4000])
     else:
-        x = torch.stack(
-            [
-                torch.from_numpy(np.array(Image.open(out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png")))
-                for s in first
-            ]
-        )
+        files = [out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png" for s in seeds[:64]]
+        x = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in files])
         x = x[..., None] if x.ndim == 3 else x
     if is_image:
-        save_image_grid(x.permute(0, 3, 1, 2).contiguous(), out_dir / "grid.png")
-    else:
-        with np.load(state_dir / "shard-000000.npz") as z:
-            pts = torch.from_numpy(z["x"][:4000])
-        if pts.shape[1] == 2:
-            save_scatter(pts, out_dir / "scatter.png")
+        save_image_grid(x[:64].permute(0, 3, 1, 2).contiguous(), out_dir / "grid.png")
+    elif x.shape[1] == 2:
+        save_scatter(x, out_dir / "scatter.png")
 
 
-def assemble_npz(out_dir: Path, num_shards: int) -> Path:
+def assemble_npz(out_dir: Path) -> Path:
+    parts = sorted((out_dir / ".shards").glob("part-*.npz"))
     xs, ys = [], []
-    for i in range(num_shards):
-        with np.load(out_dir / ".shards" / f"shard-{i:06d}.npz") as z:
+    for p in parts:
+        with np.load(p) as z:
             xs.append(z["x"])
             if "y" in z:
                 ys.append(z["y"])
@@ -294,10 +326,8 @@ def sample_command(
                 "ema": use_ema,
             }
         with torch.no_grad():
-            summary = run_sampling(
-                fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size, show_progress and dist.is_main
-            )
-        dist.barrier()
+            summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
+                                   show_progress and dist.is_main, dist.barrier)  # fmt: skip
         return summary
     finally:
         distributed.shutdown()

@@ -52,17 +52,22 @@ def test_fixed_class(image_generator, tmp_path):
         sample(image_generator, tmp_path / "t", [0], cls=7)
 
 
-def test_interrupted_sampling_resumes_only_missing_shards(image_generator, tmp_path):
-    seeds = list(range(2100))
+def test_interrupted_sampling_resumes_only_what_is_missing(image_generator, tmp_path):
+    seeds = list(range(1100))
     out = tmp_path / "s"
     first = sample(image_generator, out, seeds, batch=300, fmt="npz")
-    assert first["generated_now"] == 2100
+    assert first["generated_now"] == 1100
     full = np.load(out / "samples.npz")["arr_0"]
-    (out / ".shards" / "shard-000001.done").unlink()
+    # as if killed: two batches never recorded, and no final npz
+    for part in ("part-000000300-000000600", "part-000001000-000001100"):
+        (out / ".shards" / f"{part}.done").unlink()
+        (out / ".shards" / f"{part}.npz").unlink()
     (out / "samples.npz").unlink()
-    again = sample(image_generator, out, seeds, batch=300, fmt="npz")
-    assert again["generated_now"] == 1000
+    again = sample(image_generator, out, seeds, batch=128, fmt="npz")  # another --batch on resume is fine
+    assert again["generated_now"] == 400
     assert np.array_equal(np.load(out / "samples.npz")["arr_0"], full)
+    with pytest.raises(UserError, match="other seeds"):
+        sample(image_generator, out, list(range(5, 10)), fmt="npz")
 
 
 def test_multistep_sampling_is_per_seed(image_generator, tmp_path):

@@ -16,7 +16,7 @@ class DiffInstruct(DistillationMethod):
 
     def generator_direction(self, draws, rows: slice):
         sigma, labels, z, eps = self.generator_inputs(draws, rows)
-        x0 = self.generator_ddp(z, labels)
+        x0 = self.generator_m(z, labels)
         s = sigma.reshape(-1, *([1] * len(self.img_shape)))
         x = x0.detach() + s * eps
         with torch.no_grad():

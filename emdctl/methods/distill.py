@@ -53,15 +53,16 @@ class DistillationMethod(Method):
         o = recipe.optim
         self.opt_gen = make_adam(self.generator.parameters(), o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device)
         self.opt_fake = make_adam(self.fake.parameters(), o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device)
-        # The networks' hot paths; compiled on CUDA when the recipe asks (precision.compile).
+        # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
+        self.compiled = recipe.precision.compile and self.device.type == "cuda"
         self.teacher_fn = self._maybe_compile(self.teacher)
         self.fake_fn = self._maybe_compile(self.fake)
         self.gen_fn = self._maybe_compile(self.generator)
+        self.generator_m = self._maybe_compile(self.generator_ddp)  # the M-step's forward/backward
+        self.fake_m = self._maybe_compile(self.fake_ddp)  # the fake score's DSM step
 
     def _maybe_compile(self, module):
-        if self.recipe.precision.compile and self.device.type == "cuda":
-            return torch.compile(module)
-        return module
+        return torch.compile(module) if self.compiled else module
 
     # -- trainer interface -------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
@@ -130,7 +131,7 @@ class DistillationMethod(Method):
                 x0 = self.gen_fn(z, labels)
             s = sigma.reshape(-1, *([1] * len(self.img_shape)))
             with no_sync(self.fake_ddp, m == len(rows_list) - 1):
-                d = self.fake_ddp(x0 + s * noise, sigma, labels)
+                d = self.fake_m(x0 + s * noise, sigma, labels)
                 per_sample = self.fake.dsm_weight(sigma) * (d - x0).square().flatten(1).sum(1)
                 loss = per_sample.sum() / self.batching.local_size
                 loss.backward()

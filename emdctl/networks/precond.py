@@ -93,7 +93,10 @@ class Denoiser(nn.Module):
         if self.channels_last and x_in.ndim == 4:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         low = self.compute_dtype != torch.float32 and out_dtype != torch.float64
-        with torch.autocast(device_type=x_in.device.type, dtype=self.compute_dtype, enabled=low):
+        if low:
+            with torch.autocast(device_type=x_in.device.type, dtype=self.compute_dtype):
+                y = net(x_in, *args)
+        else:
             y = net(x_in, *args)
         return y.to(out_dtype)
 
