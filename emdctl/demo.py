@@ -53,10 +53,13 @@ def _side_by_side(paths: list[Path], out: Path) -> None:
     canvas.save(out)
 
 
-def demo_mixture(out: Path, budget: int, preset: str, steps: int, seed: int, console: Console) -> dict:
+def demo_mixture(
+    out: Path, budget: int, preset: str, steps: int, seed: int, console: Console, base: dict | None = None
+) -> dict:
+    """`base`: the recipe both runs start from (default: the embedded default recipe)."""
     from .evaluation.report import modes_and_report
 
-    base = read_yaml(DEFAULT_RECIPE_PATH)
+    base = copy.deepcopy(base) if base is not None else read_yaml(DEFAULT_RECIPE_PATH)
     base["teacher"]["preset"] = preset
     base["seed"] = seed
     runs = {}

@@ -101,15 +101,16 @@ def test_sigkill_then_rerun_continues_bit_for_bit(tmp_path, reference_run):
     assert images == sorted(set(images))
 
 
-def test_sigterm_checkpoints_then_resumes_bit_for_bit(tmp_path, reference_run):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_then_resumes_bit_for_bit(tmp_path, reference_run, sig, code):
     f, ref = reference_run
     run = tmp_path / "run"
     proc = subprocess.Popen(cmd(f, run), env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     wait_for_checkpoint(run, 640, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM" in err and "re-run the same command to resume" in err
+    assert proc.returncode == code, err
+    assert f"stopped by {signal.Signals(sig).name}" in err and "re-run the same command to resume" in err
     stopped_at = CheckpointManager(run).entries()[-1]["images"]
     assert 640 <= stopped_at < 3840
     res = subprocess.run(cmd(f, run), env=ENV, capture_output=True, text=True, timeout=600)
