@@ -198,7 +198,7 @@ def demo_loop(
     for name in sources:
         table.add_column(name, justify="right")
     keys = [k for k in results[teacher_name] if " to " in k or k.startswith("recall")]
-    keys += ["flat_fraction", "flat_white_fraction", "flat_grey_fraction", "mean_brightness", "mean_contrast"]
+    keys += ["flat_fraction", "flat_black_fraction", "flat_white_fraction", "mean_brightness", "mean_contrast"]
     for key in keys:
         table.add_row(key, *[f"{results[s][key]:.4g}" for s in sources])
     console.print(table)

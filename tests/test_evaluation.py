@@ -249,3 +249,36 @@ def test_torch_fidelity_onnx_input_with_emdctl_features(gray_generator, feature_
         cache=False,
     )
     assert np.isfinite(m["frechet_inception_distance"]) and m["frechet_inception_distance"] > 0
+
+
+def test_pixel_statistics_on_constructed_images(tmp_path):
+    """Flat kinds partition the flat fraction; brightness and contrast match a float64 reference."""
+    from typer.testing import CliRunner
+
+    from emdctl.cli import app
+    from emdctl.evaluation.stats import pixel_statistics
+
+    g = np.random.default_rng()
+    n_black, n_grey, n_white, n_digit = g.integers(1, 20, size=4)
+    levels = [g.integers(0, 80, n_black), g.integers(90, 165, n_grey), g.integers(175, 250, n_white)]
+    flat = np.concatenate([np.broadcast_to(v[:, None, None, None], (len(v), 16, 16, 1)) for v in levels])
+    flat = np.clip(flat + g.integers(-3, 4, flat.shape), 0, 255)  # std ~2 grey levels: still flat
+    x, _ = blobs(int(n_digit), seed=int(g.integers(1 << 30)))
+    images = np.concatenate([flat, x]).astype(np.uint8)
+    s = pixel_statistics(torch.from_numpy(images).permute(0, 3, 1, 2))
+    n = len(images)
+    assert s["images"] == n
+    assert s["flat_black_fraction"] == pytest.approx(n_black / n)
+    assert s["flat_grey_fraction"] == pytest.approx(n_grey / n)
+    assert s["flat_white_fraction"] == pytest.approx(n_white / n)
+    assert s["flat_fraction"] == pytest.approx((n - n_digit) / n)
+    ref = images.reshape(n, -1).astype(np.float64)
+    assert s["mean_brightness"] == pytest.approx(ref.mean(1).mean(), rel=1e-12)
+    assert s["mean_contrast"] == pytest.approx(ref.std(1, ddof=1).mean(), rel=1e-12)
+
+    res = CliRunner().invoke(app, ["evaluate", "stats", str(write_npz(tmp_path / "x.npz", images)),
+                                   "--device", "cpu", "--json", str(tmp_path / "s.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s.json").read_text())[str(tmp_path / "x.npz")]["flat_fraction"] == pytest.approx(
+        s["flat_fraction"]
+    )

@@ -1,7 +1,7 @@
 """Pixel statistics of image sets (`emdctl evaluate stats`): brightness, contrast, and the fraction
 of degenerate flat images (per-image pixel standard deviation below 10 grey levels).
 
-The MNIST teacher in shared/data produces many flat grey or white squares; a faithful,
+The MNIST teacher in shared/data produces many flat black or white squares; a faithful,
 mode-covering distillation reproduces that fraction, so it is reported next to feature distances.
 """
 
@@ -21,13 +21,16 @@ def pixel_statistics(x_uint8: torch.Tensor) -> dict:
     x = x_uint8.double()
     per_std = x.flatten(1).std(1)
     per_mean = x.flatten(1).mean(1)
+    flat = per_std < FLAT_STD
     return {
         "images": int(len(x)),
         "mean_brightness": float(per_mean.mean()),
         "mean_contrast": float(per_std.mean()),
-        "flat_fraction": float((per_std < FLAT_STD).double().mean()),
-        "flat_white_fraction": float(((per_std < FLAT_STD) & (per_mean > 170)).double().mean()),
-        "flat_grey_fraction": float(((per_std < FLAT_STD) & (per_mean >= 85) & (per_mean <= 170)).double().mean()),
+        # The three flat kinds partition flat_fraction (by mean grey level: < 85, 85-170, > 170).
+        "flat_fraction": float(flat.double().mean()),
+        "flat_black_fraction": float((flat & (per_mean < 85)).double().mean()),
+        "flat_grey_fraction": float((flat & (per_mean >= 85) & (per_mean <= 170)).double().mean()),
+        "flat_white_fraction": float((flat & (per_mean > 170)).double().mean()),
         "dark_pixel_fraction": float((x < 32).double().mean()),
     }
 
@@ -75,8 +78,9 @@ def as_rows(stats: dict[str, dict]) -> list[list[str]]:
         "mean_brightness",
         "mean_contrast",
         "flat_fraction",
-        "flat_white_fraction",
+        "flat_black_fraction",
         "flat_grey_fraction",
+        "flat_white_fraction",
         "dark_pixel_fraction",
     ]
     return [[k] + [f"{s[k]:.4g}" if isinstance(s[k], float) else str(s[k]) for s in stats.values()] for k in keys]
