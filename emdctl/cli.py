@@ -454,7 +454,7 @@ def demo_loop_cmd(
 def demo_mnist_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Where runs, samples and plots go.")] = Path("runs/demo-mnist"),
     recipe: Annotated[Path, typer.Option(help="The recipe naming the MNIST teacher.")] = Path("recipes/mnist.yaml"),
-    budget: Annotated[str, typer.Option(help="Training images per method.")] = "16k",
+    budget: Annotated[str, typer.Option(help="Training images per method.")] = "8k",
     n: Annotated[int, typer.Option("--n", help="Samples per model for the evaluation.")] = 1024,
     mnist: Annotated[Path, typer.Option(help="MNIST idx directory.")] = Path("../shared/data/mnist"),
     features: Annotated[Path | None, typer.Option(help="A classifier feature file (trained here if absent).")] = None,

@@ -58,6 +58,24 @@ def test_mnist_teacher_in_edm_form_reproduces_the_plain_ddpm_loop(shared_data):
     assert torch.equal(to8(x_emdctl), to8(x))
 
 
+def test_mnist_teacher_cannot_see_an_images_dc_level(shared_data):
+    """The checkpoint's first LayerNorm spans the whole image, so D(x + c; sigma) = D(x; sigma) + c
+    at every noise level: its score has no restoring force on the mean brightness (its density is
+    flat along that direction). Kept on purpose (it is the teacher); README 'Results' explains what
+    that does to distillation. Float64, fresh random images, offsets and noise levels."""
+    den = load_ddpm_pulfer(shared_data / TEACHER).double().eval()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    sigma = den.round_sigma(torch.exp(torch.empty(6, dtype=torch.float64).uniform_(-3, 4, generator=g)))
+    x = torch.rand(6, 1, 28, 28, generator=g, dtype=torch.float64) * 2 - 1
+    x = x + sigma.reshape(-1, 1, 1, 1) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    c = torch.randn(6, 1, 1, 1, generator=g, dtype=torch.float64) * 5
+    with torch.no_grad():
+        shifted, plain = den(x + c, sigma, None), den(x, sigma, None)
+    assert torch.allclose(shifted - c, plain, atol=1e-8, rtol=0)
+    # ... while a change of the image's content (not its mean) does change the output.
+    assert (den(x.flip(-1), sigma, None) - plain.flip(-1)).abs().max() > 1e-3
+
+
 def test_bad_teacher_files(tmp_path, shared_data):
     with pytest.raises(UserError, match="no such teacher checkpoint"):
         load_ddpm_pulfer(tmp_path / "missing.pt")
