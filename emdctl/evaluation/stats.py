@@ -1,8 +1,8 @@
 """Pixel statistics of image sets (`emdctl evaluate stats`): brightness, contrast, and the fraction
 of degenerate flat images (per-image pixel standard deviation below 10 grey levels).
 
-The MNIST teacher in shared/data produces many flat black or white squares; a faithful,
-mode-covering distillation reproduces that fraction, so it is reported next to feature distances.
+The MNIST teacher in shared/data produces mostly flat black or white squares, so the fraction is
+reported next to feature distances: it shows whether a student reproduces the teacher's flaw.
 """
 
 from __future__ import annotations
