@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from emdctl import hub
+from emdctl.data import to_model_range
 from emdctl.errors import UserError
+from emdctl.evaluation.stats import images_of
 from emdctl.networks import build_denoiser, preset_config
 from emdctl.networks.pulfer_unet import PulferUNet
 from emdctl.rng import PerSeedRandom
@@ -81,13 +83,12 @@ def test_mnist_teacher_eps_prediction_is_biased_towards_dark(shared_data):
     """Why every student of this teacher drifts to black (README 'Results'): the teacher cannot see
     the DC part of the noise (above), so the best it could predict for it is 0, but on real MNIST
     noised at several levels its predicted noise has a positive mean, i.e. its denoiser darkens by
-    ~sigma * 0.01. A fake score fitted to any student learns an unbiased 0 there, so Delta keeps a
+    ~sigma * 0.01. A fake score of the same architecture is DC-blind too and can only learn ~0 there
+    (the noise's DC part is independent of what it sees), so Delta keeps a
     constant dark push along a direction with no restoring force. Fresh noise per run; the mean
     is ~10 standard errors from 0 at this size."""
-    from emdctl.evaluation.stats import images_of
-
     den = load_ddpm_pulfer(shared_data / TEACHER).eval()
-    real = images_of(shared_data / "mnist", 256).float() / 127.5 - 1
+    real = to_model_range(images_of(shared_data / "mnist", 256))
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     errors = []
     for s in (0.3, 1.0, 3.0, 10.0):
