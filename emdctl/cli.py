@@ -405,13 +405,27 @@ def demo_mixture_cmd(
     ] = "ring8-unequal",
     k: Annotated[int, typer.Option("--k", help="Langevin steps K of EMD.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of both runs.")] = 0,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="Several seeds, e.g. 0-29: both runs per seed (in OUT/seed-S), then paired statistics."),
+    ] = None,
 ):
     """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
-    from .demo import demo_mixture
+    from .demo import demo_mixture, demo_mixture_seeds
+    from .rng import parse_seeds
 
     if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
         raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
-    demo_mixture(out_dir, _budget(budget), preset, k, seed, err)
+    if seeds is None:
+        demo_mixture(out_dir, _budget(budget), preset, k, seed, err)
+        return
+    if seed != 0:
+        raise UserError("give --seed (one comparison) or --seeds (several, with paired statistics), not both")
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as e:
+        raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-29 or 0,3,5)") from None
+    demo_mixture_seeds(out_dir, _budget(budget), preset, k, seed_list, err)
 
 
 @demo_app.command("loop")

@@ -90,6 +90,54 @@ def demo_mixture(
     return summary
 
 
+def demo_mixture_seeds(
+    out: Path, budget: int, preset: str, steps: int, seeds: list[int], console: Console, base: dict | None = None
+) -> dict:
+    """`demo_mixture` once per seed (in OUT/seed-S), then the paired comparison of the two methods'
+    TV distances over the seeds: a difference between methods on one seed can be seed noise; the
+    paired statistics say how much of it is."""
+    from .evaluation.paired import paired_comparison
+    from .plots import save_paired
+
+    if len(seeds) < 2:
+        raise UserError(f"--seeds: a paired comparison needs at least two seeds (got {len(seeds)})")
+    per_seed = {}
+    for s in seeds:
+        console.rule(f"seed {s}")
+        per_seed[s] = demo_mixture(out / f"seed-{s}", budget, preset, steps, s, console, base)
+    di = [per_seed[s]["diff-instruct"]["tv_distance"] for s in seeds]
+    emd = [per_seed[s]["emd"]["tv_distance"] for s in seeds]
+    paired = paired_comparison(di, emd)
+    table = Table(title=f"TV to the true weights over {len(seeds)} seeds ({preset}, {budget:,} images each)")
+    for col in ("seed", "Diff-Instruct", f"EMD K={steps}", "EMD lower"):
+        table.add_column(col, justify="right")
+    for s, a, b in zip(seeds, di, emd, strict=True):
+        table.add_row(str(s), f"{a:.4f}", f"{b:.4f}", "yes" if b < a else "no")
+    mean_sd = [f"{paired[f'mean_{m}']:.4f} ({paired[f'sd_{m}']:.4f})" for m in ("a", "b")]
+    table.add_row("mean (sd)", *mean_sd, "")
+    console.print(table)
+    console.print(
+        f"paired difference (Diff-Instruct - EMD): {paired['mean_difference']:.4f}, standard error "
+        f"{paired['standard_error']:.4f}, t = {paired['t']:.2f}; EMD lower on {paired['b_lower']} of "
+        f"{paired['n']} seeds (sign test p = {paired['sign_test_p']:.3g}, one-sided); sign-flip p = "
+        f"{paired['sign_flip_p']:.3g} (one-sided)",
+        highlight=False,
+    )
+    save_paired(di, emd, [str(s) for s in seeds], out / "paired.png", ("Diff-Instruct TV", "EMD TV"),
+                title="per seed: below the diagonal, EMD has the lower TV")  # fmt: skip
+    result = {
+        "budget_images": budget,
+        "preset": preset,
+        "K": steps,
+        "seeds": seeds,
+        "tv_distance": {"diff-instruct": di, "emd": emd},
+        "paired": {"a": "diff-instruct", "b": "emd", **paired},
+    }
+    atomic_write_json(out / "paired.json", result)
+    console.print(f"paired plot: {out / 'paired.png'}")
+    return result
+
+
 def demo_loop(
     out: Path,
     distill_recipe: Path,

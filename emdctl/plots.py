@@ -156,3 +156,26 @@ def save_curves(records: list[dict], keys: list[str], path: Path, x_key: str = "
             draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=PALETTE[0])
         ax.frame(font, key, x_key)
     _save(img, Path(path))
+
+
+def save_paired(a: list[float], b: list[float], labels: list[str], path: Path, names=("a", "b"), title=None) -> None:
+    """One point per seed, a's error across and b's up, over the diagonal: points below it are
+    seeds where b has the lower error."""
+    vals = [v for v in a + b if math.isfinite(v)]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    pad = (hi - lo) * 0.08 + 1e-9
+    lim = (lo - pad, hi + pad)
+    size = 480
+    img = Image.new("RGB", (size + 80, size + 60), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    ax = _Axes(draw, (64, 24, 64 + size - 20, 24 + size - 20), lim, lim)
+    draw.line([ax.px(lim[0], lim[0]), ax.px(lim[1], lim[1])], fill=(170, 170, 170), width=1)
+    for x, y, label in zip(a, b, labels, strict=True):
+        if math.isfinite(x) and math.isfinite(y):
+            px, py = ax.px(x, y)
+            colour = PALETTE[2] if y < x else PALETTE[1]
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+            draw.text((px + 4, py - 12), label, fill=(90, 90, 90), font=font)
+    ax.frame(font, title, f"{names[0]} (across) vs {names[1]} (up)")
+    _save(img, Path(path))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from rich.console import Console
 
-from emdctl.demo import demo_loop, demo_mixture
+from emdctl.demo import demo_loop, demo_mixture, demo_mixture_seeds
 from emdctl.evaluation.classifier import train_feature_net
 
 from .conftest import REPO, tiny_mixture_recipe
@@ -22,6 +23,35 @@ def test_demo_mixture(tmp_path):
         assert 0 <= s["tv_distance"] <= 1 and len(s["mode_mass"]) == 8
     assert (tmp_path / "demo" / "modes-side-by-side.png").is_file()
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["K"] == 4
+
+
+def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
+    out = tmp_path / "demo"
+    res = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe())
+    per_seed = {s: json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in (3, 5)}
+    assert res["tv_distance"]["emd"] == [per_seed[s]["emd"]["tv_distance"] for s in (3, 5)]
+    assert res["tv_distance"]["diff-instruct"] == [per_seed[s]["diff-instruct"]["tv_distance"] for s in (3, 5)]
+    # The seed reaches the runs: different seeds, different students.
+    assert res["tv_distance"]["emd"][0] != res["tv_distance"]["emd"][1]
+    d = [a - b for a, b in zip(res["tv_distance"]["diff-instruct"], res["tv_distance"]["emd"], strict=True)]
+    assert res["paired"]["mean_difference"] == pytest.approx(sum(d) / 2)
+    assert res["paired"]["b_lower"] == sum(x > 0 for x in d)
+    assert json.loads((out / "paired.json").read_text())["paired"]["a"] == "diff-instruct"
+    assert (out / "paired.png").is_file()
+    # Re-running the same command resumes: the finished runs are not trained again.
+    again = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe())
+    assert again["tv_distance"] == res["tv_distance"]
+
+
+def test_demo_mixture_cli_refuses_seed_and_seeds_together():
+    from typer.testing import CliRunner
+
+    from emdctl.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "mixture", "--seed", "2", "--seeds", "0-3"])
+    assert res.exit_code != 0 and "not both" in res.output
+    res = CliRunner().invoke(app, ["demo", "mixture", "--seeds", "4-1"])
+    assert res.exit_code != 0 and "--seeds" in res.output
 
 
 def test_demo_loop_on_the_mnist_teacher(tmp_path, shared_data):

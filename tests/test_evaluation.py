@@ -282,3 +282,34 @@ def test_pixel_statistics_on_constructed_images(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())[str(tmp_path / "x.npz")]["flat_fraction"] == pytest.approx(
         s["flat_fraction"]
     )
+
+
+def test_paired_comparison_against_brute_force():
+    """Sign test, sign-flip p and paired t against direct enumeration on fresh random differences."""
+    import itertools
+    import math
+
+    from emdctl.evaluation.paired import paired_comparison, sign_flip_p, sign_test_p
+
+    assert sign_test_p(8, 10) == pytest.approx(56 / 1024, rel=1e-15)  # C(10,8)+C(10,9)+C(10,10) = 56
+    g = np.random.default_rng()
+    n = int(g.integers(6, 12))
+    b = g.uniform(0.005, 0.03, n)
+    a = b + g.normal(0.004, 0.006, n)
+    d = a - b
+    flips = np.array(list(itertools.product([1.0, -1.0], repeat=n)))
+    brute = float(((flips * d).sum(1) >= d.sum() - 1e-12).mean())
+    assert sign_flip_p(list(d)) == pytest.approx(brute, rel=1e-12)
+    # Monte Carlo mode estimates the same p (standard error <= 0.5 / sqrt(200k) ~ 0.0011).
+    assert sign_flip_p(list(d), exact=False) == pytest.approx(brute, abs=0.006)
+    r = paired_comparison(list(a), list(b))
+    wins = int((d > 0).sum())
+    assert r["b_lower"] == wins and r["sign_test_p"] == pytest.approx(
+        sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+    )
+    assert r["mean_difference"] == pytest.approx(d.mean(), rel=1e-12)
+    assert r["standard_error"] == pytest.approx(d.std(ddof=1) / math.sqrt(n), rel=1e-12)
+    assert r["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(n)), rel=1e-12)
+    assert r["sd_a"] == pytest.approx(a.std(ddof=1), rel=1e-12)
+    with pytest.raises(ValueError, match="equal"):
+        paired_comparison([0.1, 0.2], [0.1])
