@@ -14,7 +14,6 @@ from ..errors import UserError
 from ..plots import save_scatter
 from ..runs import RunDir
 from ..storage import atomic_write_json
-from .fidelity import evaluate_command
 from .mixture import mode_metrics
 
 
@@ -56,6 +55,10 @@ def evaluate_and_report(
     json_out: Path | None,
     console: Console,
 ) -> dict:
+    # torch-fidelity (and the CLIP/torchvision modules it pulls in) takes seconds to import:
+    # only the commands that use it pay for it.
+    from .fidelity import evaluate_command
+
     res = evaluate_command(
         metrics,
         source,
