@@ -14,6 +14,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def fresh(seed: int | None = None) -> torch.Generator:
+    """A CPU generator: freshly seeded from OS entropy (a new draw every run) unless a seed is given."""
+    g = torch.Generator()
+    g.seed() if seed is None else g.manual_seed(seed)
+    return g
+
+
 def shared_data_dir() -> Path | None:
     """../shared/data next to the checkout (or $EMDCTL_SHARED_DATA)."""
     env = os.environ.get("EMDCTL_SHARED_DATA")

@@ -14,11 +14,7 @@ from emdctl.rng import PerSeedRandom
 from emdctl.samplers import edm_sampler
 from emdctl.teachers.mixture import GaussianMixture, MixtureDenoiser, preset_mixture
 
-
-def fresh(seed=None):
-    g = torch.Generator()
-    g.seed() if seed is None else g.manual_seed(seed)
-    return g
+from .conftest import fresh
 
 
 def test_edm_coefficients_algebra():

@@ -22,8 +22,10 @@ from emdctl.evaluation.fidelity import (
     open_feature_space,
     reference_from_features,
 )
+from emdctl.evaluation.mixture import mode_metrics, sliced_wasserstein
+from emdctl.teachers.mixture import GaussianMixture, preset_mixture
 
-from .conftest import make_generator
+from .conftest import fresh, make_generator
 
 
 def blobs(n, classes=range(10), seed=0, noise=0.0):
@@ -288,7 +290,6 @@ def test_pixel_statistics_on_constructed_images(tmp_path):
 def test_paired_comparison_against_brute_force():
     """Sign test, sign-flip p and paired t against direct enumeration on fresh random differences."""
     import itertools
-    import math
 
     from emdctl.evaluation.paired import paired_comparison, sign_flip_p, sign_test_p
 
@@ -318,11 +319,8 @@ def test_paired_comparison_against_brute_force():
 
 def test_mode_metrics_on_constructed_samples():
     """Samples placed by hand: per-mode mass, TV, off-mode fraction and recall are known exactly."""
-    from emdctl.evaluation.mixture import mode_metrics
-    from emdctl.teachers.mixture import GaussianMixture, preset_mixture
-
     mix = GaussianMixture(**preset_mixture("ring8-unequal"))
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    g = fresh()
     counts = torch.randint(0, 400, (8,), generator=g)
     counts[3] = 0  # an empty mode: recall 7/8
     far = int(counts.sum()) // 10  # samples at 6 scales from a mean: off-mode, but assigned to it
@@ -351,9 +349,7 @@ def test_mode_metrics_on_constructed_samples():
 def test_sliced_wasserstein_against_exact_references():
     """A translated copy: every projection shifts by <c, d>, so SW = sqrt(mean_d <c, d>^2) exactly; a
     permuted copy: SW = 0; and a brute-force per-direction sorted matching on fresh random sets."""
-    from emdctl.evaluation.mixture import sliced_wasserstein
-
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    g = fresh()
     a = torch.randn(3000, 2, generator=g, dtype=torch.float64) * torch.rand(2, generator=g, dtype=torch.float64)
     c = torch.randn(2, generator=g, dtype=torch.float64)
     dirs = torch.randn(2, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -20,6 +20,7 @@ from emdctl.teachers import load_ddpm_pulfer, load_pretrained_denoiser
 from emdctl.teachers.convert import convert_edm_pickle
 from emdctl.teachers.edm_pickle import load_edm_pickle
 
+from .conftest import fresh
 from .edm_pickles import write_edm_pickle, write_malicious_pickle
 
 TEACHER = "teachers/ddpm_mnist_pulfer_myunet.pt"
@@ -66,7 +67,7 @@ def test_mnist_teacher_cannot_see_an_images_dc_level(shared_data):
     flat along that direction). Kept on purpose (it is the teacher); README 'Results' explains what
     that does to distillation. Float64, fresh random images, offsets and noise levels."""
     den = load_ddpm_pulfer(shared_data / TEACHER).double().eval()
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    g = fresh()
     sigma = den.round_sigma(torch.exp(torch.empty(6, dtype=torch.float64).uniform_(-3, 4, generator=g)))
     x = torch.rand(6, 1, 28, 28, generator=g, dtype=torch.float64) * 2 - 1
     x = x + sigma.reshape(-1, 1, 1, 1) * torch.randn(x.shape, generator=g, dtype=torch.float64)
@@ -89,7 +90,7 @@ def test_mnist_teacher_eps_prediction_is_biased_towards_dark(shared_data):
     is ~10 standard errors from 0 at this size."""
     den = load_ddpm_pulfer(shared_data / TEACHER).eval()
     real = to_model_range(images_of(shared_data / "mnist", 256))
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    g = fresh()
     errors = []
     for s in (0.3, 1.0, 3.0, 10.0):
         sigma = den.round_sigma(torch.full((len(real),), s, dtype=torch.float64)).float()
