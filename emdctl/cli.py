@@ -409,6 +409,9 @@ def demo_mixture_cmd(
         str | None,
         typer.Option(help="Several seeds, e.g. 0-29: both runs per seed (in OUT/seed-S), then paired statistics."),
     ] = None,
+    eval_every: Annotated[
+        str, typer.Option(help="Also evaluate during training every so many images (e.g. 50k; 0: off).")
+    ] = "0",
 ):
     """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
     from .demo import demo_mixture, demo_mixture_seeds
@@ -416,8 +419,9 @@ def demo_mixture_cmd(
 
     if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
         raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
+    every = _budget(eval_every, "--eval-every")
     if seeds is None:
-        demo_mixture(out_dir, _budget(budget), preset, k, seed, err)
+        demo_mixture(out_dir, _budget(budget), preset, k, seed, err, eval_every=every)
         return
     if seed != 0:
         raise UserError("give --seed (one comparison) or --seeds (several, with paired statistics), not both")
@@ -425,7 +429,7 @@ def demo_mixture_cmd(
         seed_list = parse_seeds(seeds)
     except ValueError as e:
         raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-29 or 0,3,5)") from None
-    demo_mixture_seeds(out_dir, _budget(budget), preset, k, seed_list, err)
+    demo_mixture_seeds(out_dir, _budget(budget), preset, k, seed_list, err, eval_every=every)
 
 
 @demo_app.command("loop")
@@ -480,13 +484,13 @@ def demo_mnist_cmd(
     demo_loop(out_dir, recipe, mnist, _budget(budget), n, 1000, None, features, None, device, err)
 
 
-def _budget(text: str) -> int:
+def _budget(text: str, option: str = "--budget") -> int:
     from .recipe import _parse_image_count
 
     try:
         return _parse_image_count(text)
     except ValueError as e:
-        raise UserError(f"--budget {text!r}: {e}") from None
+        raise UserError(f"{option} {text!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Everything is resumable: re-running the same command continues where it stopped.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import yaml
@@ -54,14 +55,24 @@ def _side_by_side(paths: list[Path], out: Path) -> None:
 
 
 def demo_mixture(
-    out: Path, budget: int, preset: str, steps: int, seed: int, console: Console, base: dict | None = None
+    out: Path,
+    budget: int,
+    preset: str,
+    steps: int,
+    seed: int,
+    console: Console,
+    base: dict | None = None,
+    eval_every: int = 0,
 ) -> dict:
-    """`base`: the recipe both runs start from (default: the embedded default recipe)."""
+    """`base`: the recipe both runs start from (default: the embedded default recipe);
+    `eval_every`: also record mode metrics during training (images; 0: off)."""
     from .evaluation.report import modes_and_report
 
     base = copy.deepcopy(base) if base is not None else read_yaml(DEFAULT_RECIPE_PATH)
     base["teacher"]["preset"] = preset
     base["seed"] = seed
+    if eval_every:
+        base.setdefault("logging", {})["eval_every"] = eval_every
     runs = {}
     for name, data in _variants(base, budget, steps).items():
         data["name"] = f"demo-mixture-{name}"
@@ -91,11 +102,19 @@ def demo_mixture(
 
 
 def demo_mixture_seeds(
-    out: Path, budget: int, preset: str, steps: int, seeds: list[int], console: Console, base: dict | None = None
+    out: Path,
+    budget: int,
+    preset: str,
+    steps: int,
+    seeds: list[int],
+    console: Console,
+    base: dict | None = None,
+    eval_every: int = 0,
 ) -> dict:
     """`demo_mixture` once per seed (in OUT/seed-S), then the paired comparison of the two methods'
     TV distances over the seeds: a difference between methods on one seed can be seed noise; the
-    paired statistics say how much of it is."""
+    paired statistics say how much of it is. With `eval_every`, the same comparison at every
+    evaluation point of training as well (trace.json, tv-over-training.png)."""
     from .evaluation.paired import paired_comparison
     from .plots import save_paired
 
@@ -104,7 +123,7 @@ def demo_mixture_seeds(
     per_seed = {}
     for s in seeds:
         console.rule(f"seed {s}")
-        per_seed[s] = demo_mixture(out / f"seed-{s}", budget, preset, steps, s, console, base)
+        per_seed[s] = demo_mixture(out / f"seed-{s}", budget, preset, steps, s, console, base, eval_every)
     di = [per_seed[s]["diff-instruct"]["tv_distance"] for s in seeds]
     emd = [per_seed[s]["emd"]["tv_distance"] for s in seeds]
     paired = paired_comparison(di, emd)
@@ -133,9 +152,47 @@ def demo_mixture_seeds(
         "tv_distance": {"diff-instruct": di, "emd": emd},
         "paired": {"a": "diff-instruct", "b": "emd", **paired},
     }
+    if eval_every:
+        result["trace"] = _paired_trace(out, seeds, steps, console)
     atomic_write_json(out / "paired.json", result)
     console.print(f"paired plot: {out / 'paired.png'}")
     return result
+
+
+def _training_evaluations(run: Path) -> dict[int, float]:
+    """images seen -> TV, from the records the trainer wrote (`emdctl evaluate` records carry no
+    iteration)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["images"]: r["eval/tv_distance"] for r in records if r.get("kind") == "evaluation" and "iteration" in r}
+
+
+def _paired_trace(out: Path, seeds: list[int], steps: int, console: Console) -> dict:
+    """The paired comparison at every evaluation point all runs share."""
+    from .evaluation.paired import paired_comparison
+    from .plots import save_lines
+
+    runs = {m: [_training_evaluations(out / f"seed-{s}" / m) for s in seeds] for m in ("diff-instruct", "emd")}
+    points = sorted(set.intersection(*(set(t) for traces in runs.values() for t in traces)))
+    table = Table(title=f"TV to the true weights during training, mean over {len(seeds)} seeds")
+    for col in ("images", "Diff-Instruct", f"EMD K={steps}", "difference (SE)", "EMD lower", "sign-flip p"):
+        table.add_column(col, justify="right")
+    trace = []
+    for x in points:
+        p = paired_comparison([t[x] for t in runs["diff-instruct"]], [t[x] for t in runs["emd"]])
+        trace.append({"images": x, **p})
+        table.add_row(f"{x:,}", f"{p['mean_a']:.4f}", f"{p['mean_b']:.4f}",
+                      f"{p['mean_difference']:.4f} ({p['standard_error']:.4f})", f"{p['b_lower']}/{p['n']}",
+                      f"{p['sign_flip_p']:.3g}")  # fmt: skip
+    console.print(table)
+    n = len(seeds) ** 0.5
+    series = {
+        name: ([p[f"mean_{k}"] for p in trace], [p[f"sd_{k}"] / n for p in trace])
+        for name, k in (("Diff-Instruct", "a"), (f"EMD K={steps}", "b"))
+    }
+    save_lines([p["images"] for p in trace], series, out / "tv-over-training.png",
+               title=f"TV to the true weights, mean +- SE over {len(seeds)} seeds")  # fmt: skip
+    console.print(f"TV over training: {out / 'tv-over-training.png'}")
+    return {"a": "diff-instruct", "b": "emd", "points": trace}
 
 
 def demo_loop(

@@ -179,3 +179,29 @@ def save_paired(a: list[float], b: list[float], labels: list[str], path: Path, n
             draw.text((px + 4, py - 12), label, fill=(90, 90, 90), font=font)
     ax.frame(font, title, f"{names[0]} (across) vs {names[1]} (up)")
     _save(img, Path(path))
+
+
+def save_lines(
+    x: list[float], series: dict[str, tuple[list[float], list[float]]], path: Path, title=None, xlabel="images"
+) -> None:
+    """Several series on one axes, each a mean with a +-1 standard error band drawn as thin lines
+    (series: name -> (mean, standard error)); the legend follows the palette."""
+    vals = [m + s * d for mean, se in series.values() for m, s in zip(mean, se, strict=True) for d in (-1, 1)]
+    vals = [v for v in vals if math.isfinite(v)]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    pad = (hi - lo) * 0.05 + 1e-9
+    w, h = 640, 400
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    xlim = (min(x), max(x) if max(x) > min(x) else min(x) + 1)
+    ax = _Axes(draw, (70, 28, w - 20, h - 46), xlim, (lo - pad, hi + pad))
+    for i, (name, (mean, se)) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        for d, width in ((0, 2), (-1, 1), (1, 1)):
+            pts = [ax.px(a, m + d * s) for a, m, s in zip(x, mean, se, strict=True) if math.isfinite(m + d * s)]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=width)
+        draw.text((w - 200, 34 + 14 * i), f"-- {name}", fill=colour, font=font)
+    ax.frame(font, title, xlabel)
+    _save(img, Path(path))

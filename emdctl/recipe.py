@@ -309,6 +309,10 @@ class Logging(Strict):
     grid_every: ImageCount = 100_000
     grid_size: PositiveInt = 64
     progress: bool = True
+    # Evaluation during training (EMA generator, fixed seeds 0..eval_samples-1, written to
+    # metrics.jsonl as eval/* and drawn in curves.png): mode metrics for mixture teachers. 0: off.
+    eval_every: ImageCount = 0
+    eval_samples: PositiveInt = 20_000
 
 
 class Checkpointing(Strict):
@@ -334,6 +338,12 @@ class _RunCommon(Strict):
     nan: NaNHandling = NaNHandling()
 
 
+_NO_PERIODIC_EVAL = (
+    "logging.eval_every: evaluation during training covers distillation from mixture teachers only "
+    "(mode metrics); set it to 0 and evaluate checkpoints or the exported model with `emdctl evaluate`"
+)
+
+
 class DistillRecipe(_RunCommon):
     kind: Literal["distill"] = "distill"
     teacher: Teacher
@@ -341,6 +351,12 @@ class DistillRecipe(_RunCommon):
     method: Method
     fake_score: FakeScore = FakeScore()
     optim: Optim = Optim()
+
+    @model_validator(mode="after")
+    def _evaluation_needs_a_mixture(self):
+        if self.logging.eval_every and not isinstance(self.teacher, MixtureTeacher):
+            raise ValueError(_NO_PERIODIC_EVAL)
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +400,12 @@ class TeacherTrainRecipe(_RunCommon):
     network: NetworkSpec = NetworkSpec()
     loss: EDMLoss = EDMLoss()
     optim: TeacherOptim = TeacherOptim()
+
+    @model_validator(mode="after")
+    def _no_periodic_evaluation(self):
+        if self.logging.eval_every:
+            raise ValueError(_NO_PERIODIC_EVAL)
+        return self
 
 
 Recipe = DistillRecipe | TeacherTrainRecipe

@@ -136,6 +136,8 @@ class Trainer:
         else:
             self.method.initialize()
             self.save_checkpoint()  # the initial state: there is always a last good checkpoint
+            if r.logging.eval_every:
+                self.evaluate()
         self.log(memory.describe(self.method, r))
         if self.images >= r.duration:
             self.log(f"already trained for {self.images:,} of {r.duration:,} images; nothing to do")
@@ -177,6 +179,8 @@ class Trainer:
                             self.log(self.format_record(record), progress)
                     if self.dist.is_main and (_crossed(before, self.images, r.logging.grid_every) or done):
                         self.method.preview(self.run.root / "grids" / f"grid-{self.images:012d}.png")
+                    if r.logging.eval_every and (_crossed(before, self.images, r.logging.eval_every) or done):
+                        self.evaluate(progress)
                     if _crossed(before, self.images, r.checkpoint.every) and not done:
                         self.save_checkpoint()
                     stop = self.dist.broadcast_flag(self._stop_signal is not None)
@@ -193,6 +197,19 @@ class Trainer:
                 signal.signal(sig, handler)
         return self.finish()
 
+    def evaluate(self, progress=None) -> None:
+        """Evaluation records sit in metrics.jsonl beside the training records, as `emdctl evaluate`
+        writes them, so a resumed run truncates them with the rest."""
+        if not self.dist.is_main:
+            return
+        metrics = self.method.evaluate(self.recipe.logging.eval_samples)
+        self.run.append_metrics(
+            {"kind": "evaluation", "images": self.images, "iteration": self.iteration, "time": time.time(),
+             **{f"eval/{k}": v for k, v in metrics.items()}}
+        )  # fmt: skip
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("n", "nonfinite_fraction"))
+        self.log(f"eval at {self.images:,} images: {shown}", progress)
+
     def finish(self, final_checkpoint: bool = True) -> dict:
         if final_checkpoint:
             self.save_checkpoint()
@@ -201,10 +218,9 @@ class Trainer:
             out = self.method.export(self.run.root / self.export_name())
             summary["exported"] = str(out)
             records = self.run.read_metrics()
-            keys = sorted(
-                {k for rec in records for k in rec if k.startswith(("loss/", "grad_norm/", "langevin/", "di/"))}
-            )
-            save_curves(records, keys, self.run.root / "curves.png")
+            plotted = ("loss/", "grad_norm/", "langevin/", "di/", "eval/")
+            keys = {k for rec in records for k in rec if k.startswith(plotted)} - {"eval/n", "eval/modes_covered"}
+            save_curves(records, sorted(keys), self.run.root / "curves.png")
             atomic_write_json(self.run.root / "summary.json", summary)
             self.log(f"done: {self.images:,} images; exported {out}")
         return summary

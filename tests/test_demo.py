@@ -27,7 +27,7 @@ def test_demo_mixture(tmp_path):
 
 def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
     out = tmp_path / "demo"
-    res = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe())
+    res = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe(), eval_every=320)
     per_seed = {s: json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in (3, 5)}
     assert res["tv_distance"]["emd"] == [per_seed[s]["emd"]["tv_distance"] for s in (3, 5)]
     assert res["tv_distance"]["diff-instruct"] == [per_seed[s]["diff-instruct"]["tv_distance"] for s in (3, 5)]
@@ -38,8 +38,15 @@ def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
     assert res["paired"]["b_lower"] == sum(x > 0 for x in d)
     assert json.loads((out / "paired.json").read_text())["paired"]["a"] == "diff-instruct"
     assert (out / "paired.png").is_file()
+    # Evaluated during training too: at 0, 320 and 640 images; the last point is the final evaluation.
+    trace = res["trace"]["points"]
+    assert [p["images"] for p in trace] == [0, 320, 640]
+    assert trace[-1]["mean_a"] == pytest.approx(sum(res["tv_distance"]["diff-instruct"]) / 2, abs=1e-12)
+    assert trace[-1]["mean_b"] == pytest.approx(sum(res["tv_distance"]["emd"]) / 2, abs=1e-12)
+    assert trace[0]["mean_difference"] == 0  # both methods start from the same generator
+    assert (out / "tv-over-training.png").is_file()
     # Re-running the same command resumes: the finished runs are not trained again.
-    again = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe())
+    again = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe(), eval_every=320)
     assert again["tv_distance"] == res["tv_distance"]
 
 

@@ -360,3 +360,42 @@ def test_sliced_wasserstein_against_exact_references():
     b = torch.randn(3000, 2, generator=g, dtype=torch.float64) + c
     brute = np.mean([np.mean((np.sort(a.numpy() @ d) - np.sort(b.numpy() @ d)) ** 2) for d in dirs.T.numpy()])
     assert sliced_wasserstein(a, b) == pytest.approx(float(np.sqrt(brute)), rel=1e-9)
+
+
+def test_periodic_mode_metrics_match_evaluate_modes(tmp_path):
+    """`logging.eval_every` writes mode metrics of the EMA generator into metrics.jsonl at the start,
+    at each crossing and at the end; the last equals `emdctl evaluate modes` on the finished run."""
+    from rich.console import Console
+
+    from emdctl.evaluation.report import modes_and_report
+    from emdctl.recipe import parse_recipe
+    from emdctl.trainer import run_recipe
+
+    from .conftest import tiny_mixture_recipe
+
+    data = tiny_mixture_recipe(**{"logging.eval_every": 320, "logging.eval_samples": 3000, "duration": 704})
+    run_dir = tmp_path / "run"
+    run_recipe(parse_recipe(data, "tiny.yaml"), run_dir=run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("kind") == "evaluation"]
+    assert [r["images"] for r in evals] == [0, 320, 640, 704]
+    assert all(r["eval/n"] == 3000 for r in evals)
+    assert len({r["eval/tv_distance"] for r in evals}) > 1  # the generator moved
+    final = modes_and_report([run_dir], list(range(3000)), None, None, Console(quiet=True))[str(run_dir)]
+    for key in ("tv_distance", "off_mode_fraction", "mode_recall", "sliced_wasserstein"):
+        assert evals[-1][f"eval/{key}"] == pytest.approx(final[key], abs=1e-9), key
+    assert (run_dir / "curves.png").is_file()
+
+
+def test_periodic_evaluation_needs_a_mixture_teacher(tmp_path):
+    """Refused when the recipe is read, before any teacher loads or run directory appears."""
+    from emdctl.recipe import parse_recipe
+
+    from .conftest import tiny_mixture_recipe
+
+    data = tiny_mixture_recipe(**{"logging.eval_every": 320})
+    data["teacher"] = {"kind": "ddpm-pulfer", "path": str(tmp_path / "teacher.pt")}
+    with pytest.raises(UserError, match=r"^tiny.yaml: .*logging.eval_every: .*mixture teachers only"):
+        parse_recipe(data, "tiny.yaml")
+    data["logging"]["eval_every"] = 0
+    parse_recipe(data, "tiny.yaml")  # the same recipe without it is fine

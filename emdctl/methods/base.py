@@ -131,6 +131,10 @@ class Method:
     def configs(self) -> dict:
         return {}
 
+    def evaluate(self, n: int) -> dict:
+        """Scalar metrics of the current (EMA) model from n fixed seeds (`logging.eval_every`)."""
+        raise NotImplementedError
+
     # -- shared ------------------------------------------------------------------------------------
     def draws(self, iteration: int) -> IterationDraws:
         return IterationDraws(self.recipe.seed, iteration, self.device)
