@@ -79,7 +79,11 @@ def _ticks(lo, hi, n=5):
 
 
 def _fmt(v):
-    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-2):
+    if abs(v) >= 1e4:  # counts such as images seen: 500k, 1.5M
+        for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(v) >= div:
+                return f"{v / div:.3g}{suffix}"
+    if v != 0 and abs(v) < 1e-2:
         return f"{v:.0e}"
     return f"{v:g}"
 

@@ -45,6 +45,16 @@ def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
     assert trace[-1]["mean_b"] == pytest.approx(sum(res["tv_distance"]["emd"]) / 2, abs=1e-12)
     assert trace[0]["mean_difference"] == 0  # both methods start from the same generator
     assert (out / "tv-over-training.png").is_file()
+    half = res["trace"]["second_half"]  # each run's mean TV over its evaluations at 320 and 640 images
+    for m in ("diff-instruct", "emd"):
+        expected = []
+        for s in (3, 5):
+            records = [json.loads(line) for line in (out / f"seed-{s}" / m / "metrics.jsonl").open()]
+            during = [r for r in records if r.get("kind") == "evaluation" and "iteration" in r]  # not evaluate's
+            tv = [r["eval/tv_distance"] for r in during if r["images"] in (320, 640)]
+            assert len(tv) == 2
+            expected.append(sum(tv) / 2)
+        assert half["per_seed"][m] == pytest.approx(expected, abs=1e-12)
     # Re-running the same command resumes: the finished runs are not trained again.
     again = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe(), eval_every=320)
     assert again["tv_distance"] == res["tv_distance"]
