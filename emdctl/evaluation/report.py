@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..plots import save_scatter
 from ..runs import RunDir
 from ..storage import atomic_write_json
-from .mixture import mode_metrics
+from .mixture import generator_mode_metrics
 
 
 def _run_dir_of(source: Path) -> RunDir | None:
@@ -110,7 +110,6 @@ def evaluate_and_report(
 def modes_and_report(
     sources: list[Path], seeds: list[int], plot: Path | None, json_out: Path | None, console: Console
 ) -> dict:
-    from ..rng import PerSeedRandom
     from ..sampling import open_generator
     from ..teachers.mixture import GaussianMixture
 
@@ -121,11 +120,7 @@ def modes_and_report(
         if not mix_params:
             raise UserError(f"{src}: not distilled from an analytic mixture teacher; mode metrics need one")
         mixture = GaussianMixture(**mix_params)
-        with torch.no_grad():
-            x = torch.cat(
-                [gen(PerSeedRandom(seeds[i : i + 4096]).randn(gen.img_shape)) for i in range(0, len(seeds), 4096)]
-            )
-        m = mode_metrics(x, mixture)
+        x, m = generator_mode_metrics(gen, mixture, seeds)
         results[str(src)] = m
         if plot is not None:
             plot_path = plot if len(sources) == 1 else plot.with_name(f"{plot.stem}-{len(results)}{plot.suffix}")
