@@ -387,6 +387,42 @@ def test_periodic_mode_metrics_match_evaluate_modes(tmp_path):
     assert (run_dir / "curves.png").is_file()
 
 
+def test_evaluation_missed_by_a_kill_is_made_up_on_resume(tmp_path, monkeypatch):
+    """Killed after the initial checkpoint but before the evaluation at 0 images: re-running the
+    same command writes that record on resume, equal to an uninterrupted run's, and the rest follow."""
+    from emdctl.recipe import parse_recipe
+    from emdctl.trainer import Trainer, run_recipe
+
+    from .conftest import tiny_mixture_recipe
+
+    def evaluations(run_dir):
+        path = run_dir / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [r for r in records if r.get("kind") == "evaluation"]
+
+    data = tiny_mixture_recipe(**{"logging.eval_every": 320, "logging.eval_samples": 2000, "duration": 704})
+    run_recipe(parse_recipe(data, "tiny.yaml"), run_dir=tmp_path / "straight")
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, progress=None):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "evaluate", killed)
+        with pytest.raises(Killed):
+            run_recipe(parse_recipe(data, "tiny.yaml"), run_dir=tmp_path / "killed")
+    assert (tmp_path / "killed" / "checkpoints").is_dir() and not evaluations(tmp_path / "killed")
+    run_recipe(parse_recipe(data, "tiny.yaml"), run_dir=tmp_path / "killed")
+    straight, resumed = evaluations(tmp_path / "straight"), evaluations(tmp_path / "killed")
+    assert [r["images"] for r in resumed] == [0, 320, 640, 704]
+    drop = ("time",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight
+    ]
+
+
 def test_periodic_evaluation_needs_a_mixture_teacher(tmp_path):
     """Refused when the recipe is read, before any teacher loads or run directory appears."""
     from emdctl.recipe import parse_recipe
