@@ -412,16 +412,21 @@ def demo_mixture_cmd(
     eval_every: Annotated[
         str, typer.Option(help="Also evaluate during training every so many images (e.g. 50k; 0: off).")
     ] = "0",
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field of both runs' recipe, e.g. fake_score.steps_per_iteration=5."),
+    ] = None,
 ):
     """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
-    from .demo import demo_mixture, demo_mixture_seeds
+    from .demo import demo_mixture, demo_mixture_seeds, mixture_base
     from .rng import parse_seeds
 
     if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
         raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
     every = _budget(eval_every, "--eval-every")
+    base = mixture_base(sets or [])
     if seeds is None:
-        demo_mixture(out_dir, _budget(budget), preset, k, seed, err, eval_every=every)
+        demo_mixture(out_dir, _budget(budget), preset, k, seed, err, base, eval_every=every)
         return
     if seed != 0:
         raise UserError("give --seed (one comparison) or --seeds (several, with paired statistics), not both")
@@ -429,7 +434,7 @@ def demo_mixture_cmd(
         seed_list = parse_seeds(seeds)
     except ValueError as e:
         raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-29 or 0,3,5)") from None
-    demo_mixture_seeds(out_dir, _budget(budget), preset, k, seed_list, err, eval_every=every)
+    demo_mixture_seeds(out_dir, _budget(budget), preset, k, seed_list, err, base, eval_every=every)
 
 
 @demo_app.command("loop")

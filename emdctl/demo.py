@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
-from .recipe import DEFAULT_RECIPE_PATH, parse_recipe, read_yaml
+from .recipe import DEFAULT_RECIPE_PATH, apply_overrides, parse_recipe, read_yaml
 from .storage import atomic_write_json
 from .trainer import run_recipe
 
@@ -40,6 +40,30 @@ def _variants(base: dict, budget: int, steps: int) -> dict[str, dict]:
     di["method"] = {k: v for k, v in base["method"].items() if k != "langevin"}
     di["method"]["name"] = "diff-instruct"
     return {"emd": emd, "diff-instruct": di}
+
+
+# Fields `emdctl demo mixture` sets itself, and the option that sets each.
+_DEMO_MIXTURE_OWNS = {
+    "seed": "--seed or --seeds",
+    "duration": "--budget",
+    "teacher.preset": "--preset",
+    "method.name": "nothing: both methods run",
+    "method.langevin.steps": "--k",
+    "logging.eval_every": "--eval-every",
+}
+
+
+def mixture_base(overrides: list[str]) -> dict:
+    """The embedded default recipe with `--set` overrides, validated before any run starts; both
+    methods' runs start from it."""
+    base = read_yaml(DEFAULT_RECIPE_PATH)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in _DEMO_MIXTURE_OWNS:
+            raise UserError(f"--set {item!r}: demo mixture sets {key} itself; use {_DEMO_MIXTURE_OWNS[key]}")
+    base = apply_overrides(base, overrides, "default recipe")
+    parse_recipe(base, f"default recipe (with --set {', '.join(overrides)})")
+    return base
 
 
 def _side_by_side(paths: list[Path], out: Path) -> None:

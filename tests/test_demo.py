@@ -71,6 +71,36 @@ def test_demo_mixture_cli_refuses_seed_and_seeds_together():
     assert res.exit_code != 0 and "--seeds" in res.output
 
 
+def test_demo_mixture_set_reaches_both_runs_and_bad_fields_stop_before_any_run(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import emdctl.demo
+    from emdctl.cli import app
+
+    seen = []
+    monkeypatch.setattr(emdctl.demo, "demo_mixture", lambda out, *a, **k: seen.append((out, a, k)))
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--set", "fake_score.steps_per_iteration=5"])
+    assert res.exit_code == 0, res.output
+    (_, (budget, preset, k, seed, _console, base), _) = seen[0]
+    assert (budget, preset, k, seed) == (1_000_000, "ring8-unequal", 8, 0)
+    assert base["fake_score"]["steps_per_iteration"] == 5
+    assert base["optim"] == emdctl.demo.read_yaml(emdctl.demo.DEFAULT_RECIPE_PATH)["optim"]  # the rest untouched
+    # and the base reaches each method's recipe
+    runs = emdctl.demo._variants(base, 640, 8)
+    assert all(r["fake_score"]["steps_per_iteration"] == 5 for r in runs.values())
+
+    for item, message in [
+        ("method.langevin.steps=3", "sets method.langevin.steps itself; use --k"),
+        ("seed=4", "sets seed itself; use --seed or --seeds"),
+        ("fake_score.steps_per_iteration=0", "fake_score.steps_per_iteration: input should be greater than 0"),
+        ("fake_score.nope=1", "fake_score.nope: unknown field"),
+    ]:
+        res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--set", item])
+        assert res.exit_code != 0 and message in res.output, (item, res.output)
+    assert len(seen) == 1 and not out.exists()
+
+
 def test_demo_loop_on_the_mnist_teacher(tmp_path, shared_data):
     features = tmp_path / "f.safetensors"
     train_feature_net(shared_data / "mnist", features, epochs=1, max_images=1500, log=lambda m: None)
