@@ -133,13 +133,13 @@ class Trainer:
             if self.dist.is_main:
                 self.run.truncate_metrics(self.images)
             self.log(f"resuming from {path.name} (iteration {self.iteration}, {self.images:,} images seen)")
-            if self._evaluation_missing():
-                self.evaluate()
         else:
             self.method.initialize()
-            self.save_checkpoint()  # the initial state: there is always a last good checkpoint
+            if self.dist.is_main:
+                self.run.truncate_metrics(-1)  # records of a start killed before its first checkpoint
             if r.logging.eval_every:
-                self.evaluate()
+                self.evaluate()  # before the checkpoint, as at every crossing: a resume finds its record
+            self.save_checkpoint()  # the initial state: there is always a last good checkpoint
         self.log(memory.describe(self.method, r))
         if self.images >= r.duration:
             self.log(f"already trained for {self.images:,} of {r.duration:,} images; nothing to do")
@@ -198,18 +198,6 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.finish()
-
-    def _evaluation_missing(self) -> bool:
-        """A run killed after writing a checkpoint but before the evaluation due at that point (the
-        initial checkpoint is written before the evaluation at 0 images) makes it up on resume: the
-        restored EMA generator is the one that evaluation would have seen, so the record is the same."""
-        every = self.recipe.logging.eval_every
-        if not every or not self.dist.is_main:
-            return False
-        due = self.images == 0 or _crossed(self.images - self.recipe.batch.size, self.images, every)
-        return due and not any(
-            r.get("kind") == "evaluation" and r.get("images") == self.images for r in self.run.read_metrics()
-        )
 
     def evaluate(self, progress=None) -> None:
         """Evaluation records sit in metrics.jsonl beside the training records, as `emdctl evaluate`

@@ -387,18 +387,20 @@ def test_periodic_mode_metrics_match_evaluate_modes(tmp_path):
     assert (run_dir / "curves.png").is_file()
 
 
-def test_evaluation_missed_by_a_kill_is_made_up_on_resume(tmp_path, monkeypatch):
-    """Killed after the initial checkpoint but before the evaluation at 0 images: re-running the
-    same command writes that record on resume, equal to an uninterrupted run's, and the rest follow."""
+@pytest.mark.parametrize("killed_in", ["evaluate", "save_checkpoint"])
+def test_a_start_killed_before_its_first_checkpoint_ends_with_the_same_evaluations(tmp_path, monkeypatch, killed_in):
+    """Killed in the evaluation at 0 images, or after writing it but before the first checkpoint:
+    re-running the same command starts afresh, with no stale or duplicated record, and ends with
+    the records of an uninterrupted run."""
+    from emdctl.checkpoint import CheckpointManager
     from emdctl.recipe import parse_recipe
+    from emdctl.runs import RunDir
     from emdctl.trainer import Trainer, run_recipe
 
     from .conftest import tiny_mixture_recipe
 
     def evaluations(run_dir):
-        path = run_dir / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        return [r for r in records if r.get("kind") == "evaluation"]
+        return [r for r in RunDir(run_dir).read_metrics() if r.get("kind") == "evaluation"]
 
     data = tiny_mixture_recipe(**{"logging.eval_every": 320, "logging.eval_samples": 2000, "duration": 704})
     run_recipe(parse_recipe(data, "tiny.yaml"), run_dir=tmp_path / "straight")
@@ -406,14 +408,16 @@ def test_evaluation_missed_by_a_kill_is_made_up_on_resume(tmp_path, monkeypatch)
     class Killed(BaseException):
         pass
 
-    def killed(self, progress=None):
+    def killed(self, *a, **k):
+        written = [r["images"] for r in evaluations(self.run.root)]
+        assert written == ([0] if killed_in == "save_checkpoint" else [])  # what the kill leaves behind
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "evaluate", killed)
+        m.setattr(Trainer, killed_in, killed)
         with pytest.raises(Killed):
             run_recipe(parse_recipe(data, "tiny.yaml"), run_dir=tmp_path / "killed")
-    assert (tmp_path / "killed" / "checkpoints").is_dir() and not evaluations(tmp_path / "killed")
+    assert not CheckpointManager(tmp_path / "killed").entries()
     run_recipe(parse_recipe(data, "tiny.yaml"), run_dir=tmp_path / "killed")
     straight, resumed = evaluations(tmp_path / "straight"), evaluations(tmp_path / "killed")
     assert [r["images"] for r in resumed] == [0, 320, 640, 704]

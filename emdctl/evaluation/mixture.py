@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..rng import PerSeedRandom
 from ..teachers.mixture import GaussianMixture
 
 
@@ -62,8 +63,6 @@ def mode_metrics(samples: torch.Tensor, mixture: GaussianMixture, seed: int = 0)
 def generator_mode_metrics(gen, mixture: GaussianMixture, seeds: list[int], device=None) -> tuple[torch.Tensor, dict]:
     """Samples of a one-step generator on `seeds` (chunks of 4096, per-seed latents) and their mode
     metrics: what `emdctl evaluate modes` and evaluation during training both report."""
-    from ..rng import PerSeedRandom
-
     dev = device if device is not None else next(gen.parameters()).device
     chunks = [seeds[i : i + 4096] for i in range(0, len(seeds), 4096)]
     x = torch.cat([gen(PerSeedRandom(c, dev).randn(gen.img_shape)).float().cpu() for c in chunks])
