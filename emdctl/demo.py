@@ -281,6 +281,16 @@ def demo_loop(
         base["teacher"] = {"kind": "pretrained", "path": str(out / "teacher-train" / "teacher")}
     recipe_file = out / "distill-recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(base, sort_keys=False))
+    # A bad recipe or a missing teacher fails here, not after minutes of feature training.
+    r = parse_recipe(base, str(distill_recipe))
+    teacher = load_teacher(r.teacher, seed=r.seed)
+    init_dir = out / "initial-generator"
+    if not (init_dir / "config.json").exists():
+        gen = build_generator(teacher.student_config, r.generator.sigma_star, r.generator.arch_overrides)
+        load_state_strict(gen.denoiser, teacher.init_weights(), "teacher")
+        gen.save_pretrained(init_dir, {"kind": "image", "range": [-1.0, 1.0]})
+        del gen
+    del teacher  # the sampler and the trainer load their own
 
     features = features or out / "features.safetensors"
     if not Path(features).exists():
@@ -306,19 +316,11 @@ def demo_loop(
         show_progress=True,
     )
 
-    budget = budget or parse_recipe(base, str(distill_recipe)).duration
+    budget = budget or r.duration
     for name, variant in _variants(base, budget, base.get("method", {}).get("langevin", {}).get("steps", 8)).items():
         variant["name"] = f"demo-{name}"
         console.print(f"[bold]{name}[/]: {budget:,} images", highlight=False)
         run_recipe(parse_recipe(variant, f"demo ({name})"), run_dir=out / name, console=console)
-
-    r = parse_recipe(base, str(distill_recipe))
-    init_dir = out / "initial-generator"
-    if not (init_dir / "config.json").exists():
-        teacher = load_teacher(r.teacher, seed=r.seed)
-        gen = build_generator(teacher.student_config, r.generator.sigma_star, r.generator.arch_overrides)
-        load_state_strict(gen.denoiser, teacher.init_weights(), "teacher")
-        gen.save_pretrained(init_dir, {"kind": "image", "range": [-1.0, 1.0]})
 
     sources = {
         f"teacher ({teacher_steps} steps)": out / "teacher-samples" / "samples.npz",

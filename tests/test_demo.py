@@ -9,6 +9,7 @@ import yaml
 from rich.console import Console
 
 from emdctl.demo import demo_loop, demo_mixture, demo_mixture_seeds
+from emdctl.errors import UserError
 from emdctl.evaluation.classifier import train_feature_net
 
 from .conftest import REPO, tiny_mixture_recipe
@@ -116,3 +117,13 @@ def test_demo_loop_on_the_mnist_teacher(tmp_path, shared_data):
     assert results["teacher (10 steps)"]["FD_classifier to teacher"] < 1e-6
     assert all(0 <= r["flat_fraction"] <= 1 for r in results.values())
     assert (tmp_path / "loop" / "grids-side-by-side.png").is_file()
+
+
+def test_demo_loop_checks_its_teacher_before_training_the_feature_space(tmp_path, shared_data):
+    recipe = yaml.safe_load((REPO / "recipes" / "mnist-own-teacher.yaml").read_text())
+    recipe["teacher"]["path"] = str(tmp_path / "no-teacher-here")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(UserError, match="no-teacher-here: no such model directory"):
+        demo_loop(tmp_path / "loop", tmp_path / "r.yaml", shared_data / "mnist", budget=64, n=8,
+                  teacher_steps=2, device="cpu", console=QUIET)  # fmt: skip
+    assert not (tmp_path / "loop" / "features.safetensors").exists()
