@@ -253,7 +253,20 @@ class DiffInstructMethod(Strict):
     weighting: Weighting = "sigma2"
 
 
-Method = Annotated[Union[EMDMethod, DiffInstructMethod], Field(discriminator="name")]  # noqa: UP007
+class MomentMatchingMethod(Strict):
+    """Moment Matching (alternating variant, one step): noise levels s of the re-noised student
+    samples; they must stay at or below the student's input level sigma* (z_s ~ q(z_s | z_t, x~)
+    needs s <= t), and so must fake_score.noise_levels (the auxiliary denoiser's)."""
+
+    name: Literal["moment-matching"]
+    noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=2.5)
+    weighting: Weighting = "sigma2"
+
+
+Method = Annotated[
+    Union[EMDMethod, DiffInstructMethod, MomentMatchingMethod],  # noqa: UP007
+    Field(discriminator="name"),
+]
 
 
 class FakeScore(Strict):
@@ -351,6 +364,21 @@ class DistillRecipe(_RunCommon):
     method: Method
     fake_score: FakeScore = FakeScore()
     optim: Optim = Optim()
+
+    @model_validator(mode="after")
+    def _moment_matching_levels_below_sigma_star(self):
+        if self.method.name != "moment-matching":
+            return self
+        t = self.generator.sigma_star
+        for field, levels in (("method.noise_levels", self.method.noise_levels),
+                              ("fake_score.noise_levels", self.fake_score.noise_levels)):  # fmt: skip
+            if levels.sigma_max > t * (1 + 1e-6):
+                raise ValueError(
+                    f"{field}.sigma_max ({levels.sigma_max:g}) must not exceed the generator's sigma* ({t:g}) "
+                    f"for moment-matching: it re-noises the student's samples to levels s <= sigma*; "
+                    f"set {field}.sigma_max to at most {t:g}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _evaluation_needs_a_mixture(self):

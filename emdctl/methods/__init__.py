@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .diff_instruct import DiffInstruct
 from .emd import EMD
+from .moment_matching import MomentMatching
 
-DISTILLATION_METHODS = {"emd": EMD, "diff-instruct": DiffInstruct}
+DISTILLATION_METHODS = {"emd": EMD, "diff-instruct": DiffInstruct, "moment-matching": MomentMatching}
 
 
 def build_method(recipe, dist, teacher=None):
@@ -17,4 +18,4 @@ def build_method(recipe, dist, teacher=None):
     return DISTILLATION_METHODS[recipe.method.name](recipe, teacher, dist)
 
 
-__all__ = ["DISTILLATION_METHODS", "DiffInstruct", "EMD", "build_method"]
+__all__ = ["DISTILLATION_METHODS", "DiffInstruct", "EMD", "MomentMatching", "build_method"]

@@ -1,8 +1,9 @@
-"""Shared machinery of the data-free distillation methods (EMD, Diff-Instruct).
+"""Shared machinery of the data-free distillation methods (EMD, Diff-Instruct, Moment Matching).
 
 Networks: the frozen teacher, the generator g (initialized from the teacher at sigma*), its EMA,
 and the fake score (initialized from the teacher, trained every iteration by denoising score
-matching on fresh, detached generator samples). A method only says which direction d the
+matching on fresh, detached generator samples; Moment Matching overrides that update with its
+auxiliary denoiser's loss). A method only says which direction d the
 generator should move its samples in; the M-step is always the regression
     L = 1/2 w(sigma) || g(z) - sg(g(z) + d) ||^2,   grad = -w J_theta^T d.
 """

@@ -1,0 +1,89 @@
+"""Moment Matching (Salimans et al. 2024, arXiv 2406.04103), alternating variant, one step.
+
+The student x~ = g(z) maps z_t = sigma* z (its input, noise level t = sigma*) to a clean image.
+Moment matching re-noises x~ with the forward process's posterior, z_s ~ q(z_s | z_t, x~) for
+s < t, and asks that the student's first moment there equal the teacher's:
+E_g[x~ | z_s] = D_teacher(z_s). The auxiliary denoiser g_phi (the shared "fake" network,
+initialized from the teacher) is trained on
+    w(s) [ ||x~ - g_phi(z_s)||^2 + ||D_teacher(z_s) - g_phi(z_s)||^2 ],
+whose optimum is the average of the two moments, so g_phi - D_teacher is half the mismatch. The
+generator loss w(s) x~^T sg(g_phi(z_s) - D_teacher(z_s)) is the shared regression with the
+direction d = (D_teacher - g_phi)(z_s) / s^2 (score units, as Diff-Instruct's, so the same
+weightings apply: 'sigma2' moves x~ by D_teacher - g_phi).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..rng import IterationDraws
+from .base import no_sync, stats_of
+from .distill import DistillationMethod
+
+
+def posterior_sample(x: torch.Tensor, z_t: torch.Tensor, sigma_t: float, sigma_s: torch.Tensor, noise: torch.Tensor):
+    """z_s ~ q(z_s | z_t, x) of the variance-exploding forward process z = x + sigma n, for s <= t:
+    mean x + (s^2 / t^2)(z_t - x), variance s^2 (1 - s^2 / t^2)."""
+    s = sigma_s.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    r = s.square() / sigma_t**2
+    return x + r * (z_t - x) + s * (1 - r).clamp_min(0).sqrt() * noise
+
+
+class MomentMatching(DistillationMethod):
+    name = "moment-matching"
+
+    def _re_noised(self, draws: IterationDraws, prefix: str, levels, rows: slice):
+        """(z, labels, s, noise) of one micro-batch: the student's input and a level s <= t."""
+        shape = self.global_shape()
+        z = draws.normal(f"{prefix}/z", shape, rows)
+        labels = self.draw_labels(draws, f"{prefix}/labels", rows)
+        # The recipe keeps sigma_max <= sigma*; a discrete teacher's grid can round just above it.
+        sigma = self.draw_sigma(draws, f"{prefix}/sigma", levels, rows).clamp_max(self.generator.sigma_star)
+        return z, labels, sigma, draws.normal(f"{prefix}/noise", shape, rows)
+
+    def _z_s(self, x0: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        t = self.generator.sigma_star
+        return posterior_sample(x0, t * z, t, sigma, noise)
+
+    def fake_update(self, draws: IterationDraws, j: int) -> dict[str, torch.Tensor]:
+        levels = self.recipe.fake_score.noise_levels
+        rows_list = self.batching.micro_rows()
+        loss_sum = torch.zeros((), device=self.device)
+        for m, rows in enumerate(rows_list):
+            z, labels, sigma, noise = self._re_noised(draws, f"mm-aux{j}", levels, rows)
+            with torch.no_grad():
+                x0 = self.gen_fn(z, labels)
+                z_s = self._z_s(x0, z, sigma, noise)
+                d_t = self.teacher_fn(z_s, sigma, labels)
+            with no_sync(self.fake_ddp, m == len(rows_list) - 1):
+                d = self.fake_m(z_s, sigma, labels)
+                err = (d - x0).square() + (d - d_t).square()
+                per_sample = self.fake.dsm_weight(sigma) * err.flatten(1).sum(1)
+                loss = per_sample.sum() / self.batching.local_size
+                loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            self.last_diagnostics = {
+                "stage": "fake",
+                "sigma": stats_of(sigma),
+                "x0": stats_of(x0),
+                "d_fake": stats_of(d),
+            }
+        out = self.optimizer_step(
+            "fake", self.opt_fake, self.fake.parameters(), self.recipe.optim.grad_clip_fake, loss_sum
+        )
+        out["loss/fake"] = out["loss/fake"] / math.prod(self.img_shape)
+        return out
+
+    def generator_direction(self, draws, rows: slice):
+        z, labels, sigma, noise = self._re_noised(draws, "gen", self.recipe.method.noise_levels, rows)
+        x0 = self.generator_m(z, labels)
+        z_s = self._z_s(x0.detach(), z, sigma, noise)
+        with torch.no_grad():
+            d_t = self.teacher_fn(z_s, sigma, labels)
+            d_aux = self.fake_fn(z_s, sigma, labels)
+        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+        delta = (d_t - d_aux) / s.square()
+        w = self.weight(sigma, x0.detach(), d_t)
+        return x0, delta, w, {"mm/moment_gap_rms": (d_t - d_aux).square().mean().sqrt()}
