@@ -119,21 +119,28 @@ class DistillationMethod(Method):
         return (self.batching.global_size, *self.img_shape)
 
     # -- fake score --------------------------------------------------------------------------------
+    def fake_batch(self, draws: IterationDraws, j: int, rows: slice):
+        """(input, sigma, labels, x0, targets) of one micro-batch of fake-score step j: the loss is
+        dsm_weight(sigma) * sum over targets of ||D_fake(input; sigma) - target||^2. Here DSM on the
+        detached generator sample x0 re-noised to sigma."""
+        z = draws.normal(f"fake{j}/z", self.global_shape(), rows)
+        labels = self.draw_labels(draws, f"fake{j}/labels", rows)
+        sigma = self.draw_sigma(draws, f"fake{j}/sigma", self.recipe.fake_score.noise_levels, rows)
+        noise = draws.normal(f"fake{j}/noise", self.global_shape(), rows)
+        with torch.no_grad():
+            x0 = self.gen_fn(z, labels)
+        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+        return x0 + s * noise, sigma, labels, x0, (x0,)
+
     def fake_update(self, draws: IterationDraws, j: int) -> dict[str, torch.Tensor]:
-        levels = self.recipe.fake_score.noise_levels
         rows_list = self.batching.micro_rows()
         loss_sum = torch.zeros((), device=self.device)
         for m, rows in enumerate(rows_list):
-            z = draws.normal(f"fake{j}/z", self.global_shape(), rows)
-            labels = self.draw_labels(draws, f"fake{j}/labels", rows)
-            sigma = self.draw_sigma(draws, f"fake{j}/sigma", levels, rows)
-            noise = draws.normal(f"fake{j}/noise", self.global_shape(), rows)
-            with torch.no_grad():
-                x0 = self.gen_fn(z, labels)
-            s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+            x_in, sigma, labels, x0, targets = self.fake_batch(draws, j, rows)
             with no_sync(self.fake_ddp, m == len(rows_list) - 1):
-                d = self.fake_m(x0 + s * noise, sigma, labels)
-                per_sample = self.fake.dsm_weight(sigma) * (d - x0).square().flatten(1).sum(1)
+                d = self.fake_m(x_in, sigma, labels)
+                err = sum((d - t).square() for t in targets)
+                per_sample = self.fake.dsm_weight(sigma) * err.flatten(1).sum(1)
                 loss = per_sample.sum() / self.batching.local_size
                 loss.backward()
             loss_sum = loss_sum + loss.detach()

@@ -14,12 +14,9 @@ weightings apply: 'sigma2' moves x~ by D_teacher - g_phi).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..rng import IterationDraws
-from .base import no_sync, stats_of
 from .distill import DistillationMethod
 
 
@@ -47,34 +44,15 @@ class MomentMatching(DistillationMethod):
         t = self.generator.sigma_star
         return posterior_sample(x0, t * z, t, sigma, noise)
 
-    def fake_update(self, draws: IterationDraws, j: int) -> dict[str, torch.Tensor]:
-        levels = self.recipe.fake_score.noise_levels
-        rows_list = self.batching.micro_rows()
-        loss_sum = torch.zeros((), device=self.device)
-        for m, rows in enumerate(rows_list):
-            z, labels, sigma, noise = self._re_noised(draws, f"mm-aux{j}", levels, rows)
-            with torch.no_grad():
-                x0 = self.gen_fn(z, labels)
-                z_s = self._z_s(x0, z, sigma, noise)
-                d_t = self.teacher_fn(z_s, sigma, labels)
-            with no_sync(self.fake_ddp, m == len(rows_list) - 1):
-                d = self.fake_m(z_s, sigma, labels)
-                err = (d - x0).square() + (d - d_t).square()
-                per_sample = self.fake.dsm_weight(sigma) * err.flatten(1).sum(1)
-                loss = per_sample.sum() / self.batching.local_size
-                loss.backward()
-            loss_sum = loss_sum + loss.detach()
-            self.last_diagnostics = {
-                "stage": "fake",
-                "sigma": stats_of(sigma),
-                "x0": stats_of(x0),
-                "d_fake": stats_of(d),
-            }
-        out = self.optimizer_step(
-            "fake", self.opt_fake, self.fake.parameters(), self.recipe.optim.grad_clip_fake, loss_sum
-        )
-        out["loss/fake"] = out["loss/fake"] / math.prod(self.img_shape)
-        return out
+    def fake_batch(self, draws: IterationDraws, j: int, rows: slice):
+        """The auxiliary denoiser's step: at z_s, regress onto both the student's sample and the
+        teacher's denoised estimate (the loss of the module docstring)."""
+        z, labels, sigma, noise = self._re_noised(draws, f"mm-aux{j}", self.recipe.fake_score.noise_levels, rows)
+        with torch.no_grad():
+            x0 = self.gen_fn(z, labels)
+            z_s = self._z_s(x0, z, sigma, noise)
+            d_t = self.teacher_fn(z_s, sigma, labels)
+        return z_s, sigma, labels, x0, (x0, d_t)
 
     def generator_direction(self, draws, rows: slice):
         z, labels, sigma, noise = self._re_noised(draws, "gen", self.recipe.method.noise_levels, rows)
