@@ -75,6 +75,12 @@ def init(device_name: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = False) -> None:
+    """Tear down the process group. `synchronize` (on a normal exit): wait for every rank first, so
+    that no rank closes its connections while another still uses them (seen with gloo: the other
+    rank aborted with 'terminate called without an active exception'). Not after an error, where
+    the other ranks may never arrive."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -328,6 +328,8 @@ def sample_command(
         with torch.no_grad():
             summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
                                    show_progress and dist.is_main, dist.barrier)  # fmt: skip
-        return summary
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown(synchronize=True)
+    return summary

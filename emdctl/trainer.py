@@ -362,6 +362,8 @@ def run_recipe(
             summary = Trainer(recipe, method, run, console).run_training()
         finally:
             run.unlock()
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown(synchronize=True)
     return run, summary

@@ -76,7 +76,7 @@ GRADIENT_SCRIPT = textwrap.dedent(
     g = torch.cat([p.grad.flatten() for p in m.generator.parameters()])
     if dist.rank == 0:
         torch.save(g, sys.argv[2])
-    distributed.shutdown()
+    distributed.shutdown(synchronize=True)
     """
 )
 
