@@ -118,15 +118,20 @@ class DistillationMethod(Method):
     def global_shape(self) -> tuple[int, ...]:
         return (self.batching.global_size, *self.img_shape)
 
+    def draw_inputs(self, draws: IterationDraws, prefix: str, levels, rows: slice, noise: str = "noise"):
+        """(sigma, labels, z, noise) of one micro-batch, from the streams PREFIX/sigma, /labels, /z
+        and /NOISE (each stream is its own generator, so the order of the draws does not matter)."""
+        shape = self.global_shape()
+        sigma = self.draw_sigma(draws, f"{prefix}/sigma", levels, rows)
+        labels = self.draw_labels(draws, f"{prefix}/labels", rows)
+        return sigma, labels, draws.normal(f"{prefix}/z", shape, rows), draws.normal(f"{prefix}/{noise}", shape, rows)
+
     # -- fake score --------------------------------------------------------------------------------
     def fake_batch(self, draws: IterationDraws, j: int, rows: slice):
         """(input, sigma, labels, x0, targets) of one micro-batch of fake-score step j: the loss is
         dsm_weight(sigma) * sum over targets of ||D_fake(input; sigma) - target||^2. Here DSM on the
         detached generator sample x0 re-noised to sigma."""
-        z = draws.normal(f"fake{j}/z", self.global_shape(), rows)
-        labels = self.draw_labels(draws, f"fake{j}/labels", rows)
-        sigma = self.draw_sigma(draws, f"fake{j}/sigma", self.recipe.fake_score.noise_levels, rows)
-        noise = draws.normal(f"fake{j}/noise", self.global_shape(), rows)
+        sigma, labels, z, noise = self.draw_inputs(draws, f"fake{j}", self.recipe.fake_score.noise_levels, rows)
         with torch.no_grad():
             x0 = self.gen_fn(z, labels)
         s = sigma.reshape(-1, *([1] * len(self.img_shape)))
@@ -162,10 +167,7 @@ class DistillationMethod(Method):
     def generator_inputs(self, draws: IterationDraws, rows: slice):
         """(sigma, labels, z, eps) of one micro-batch. EMD and Diff-Instruct draw them from the same
         streams, so at a fixed seed both methods see the same chains (the K = 1 identity relies on it)."""
-        shape = self.global_shape()
-        sigma = self.draw_sigma(draws, "gen/sigma", self.recipe.method.noise_levels, rows)
-        labels = self.draw_labels(draws, "gen/labels", rows)
-        return sigma, labels, draws.normal("gen/z", shape, rows), draws.normal("gen/eps", shape, rows)
+        return self.draw_inputs(draws, "gen", self.recipe.method.noise_levels, rows, noise="eps")
 
     def generator_direction(self, draws: IterationDraws, rows: slice):
         """Return (x0 = g(z) with grad, direction d, weight w [N], stats) for one micro-batch."""

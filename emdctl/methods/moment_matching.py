@@ -33,12 +33,9 @@ class MomentMatching(DistillationMethod):
 
     def _re_noised(self, draws: IterationDraws, prefix: str, levels, rows: slice):
         """(z, labels, s, noise) of one micro-batch: the student's input and a level s <= t."""
-        shape = self.global_shape()
-        z = draws.normal(f"{prefix}/z", shape, rows)
-        labels = self.draw_labels(draws, f"{prefix}/labels", rows)
+        sigma, labels, z, noise = self.draw_inputs(draws, prefix, levels, rows)
         # The recipe keeps sigma_max <= sigma*; a discrete teacher's grid can round just above it.
-        sigma = self.draw_sigma(draws, f"{prefix}/sigma", levels, rows).clamp_max(self.generator.sigma_star)
-        return z, labels, sigma, draws.normal(f"{prefix}/noise", shape, rows)
+        return z, labels, sigma.clamp_max(self.generator.sigma_star), noise
 
     def _z_s(self, x0: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         t = self.generator.sigma_star
