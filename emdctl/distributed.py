@@ -7,6 +7,7 @@ so the result equals a single-process run. Rank 0 writes checkpoints, metrics an
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -76,11 +77,23 @@ def init(device_name: str = "auto") -> DistContext:
 
 
 def shutdown(synchronize: bool = False) -> None:
-    """Tear down the process group. `synchronize` (on a normal exit): wait for every rank first, so
-    that no rank closes its connections while another still uses them (seen with gloo: the other
-    rank aborted with 'terminate called without an active exception'). Not after an error, where
-    the other ranks may never arrive."""
+    """Tear down the process group; `synchronize` first waits for every rank (see `session`)."""
     if dist.is_initialized():
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device_name: str = "auto"):
+    """`init`, then the teardown on leaving. On a normal exit every rank waits for the others first,
+    so that no rank closes its connections while another still uses them (seen with gloo: the other
+    rank aborted with 'terminate called without an active exception'); after an error it tears down
+    at once, since the other ranks may never arrive."""
+    ctx = init(device_name)
+    try:
+        yield ctx
+    except BaseException:
+        shutdown()
+        raise
+    shutdown(synchronize=True)

@@ -306,8 +306,7 @@ def sample_command(
     """What `emdctl sample` does after parsing."""
     from . import distributed
 
-    dist = distributed.init(device_name)
-    try:
+    with distributed.session(device_name) as dist:
         if teacher_recipe is not None:
             fn, info = teacher_sampler(teacher_recipe, steps, sampler, dist.device)
         else:
@@ -328,8 +327,4 @@ def sample_command(
         with torch.no_grad():
             summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
                                    show_progress and dist.is_main, dist.barrier)  # fmt: skip
-    except BaseException:
-        distributed.shutdown()
-        raise
-    distributed.shutdown(synchronize=True)
     return summary

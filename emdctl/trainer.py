@@ -337,8 +337,7 @@ def run_recipe(
     from .precision import configure_backends
 
     console = console or Console(stderr=True)
-    dist = distributed.init(recipe.device)
-    try:
+    with distributed.session(recipe.device) as dist:
         configure_backends(recipe.precision.tf32)
         if dist.is_main:
             run = runs.prepare(recipe, run_dir, runs_root, resume=resume, force=force)
@@ -362,8 +361,4 @@ def run_recipe(
             summary = Trainer(recipe, method, run, console).run_training()
         finally:
             run.unlock()
-    except BaseException:
-        distributed.shutdown()
-        raise
-    distributed.shutdown(synchronize=True)
     return run, summary
