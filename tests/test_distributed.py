@@ -60,20 +60,27 @@ def test_two_gloo_processes_equal_one(tmp_path):
 
 GRADIENT_SCRIPT = textwrap.dedent(
     r"""
-    import sys, torch, yaml
+    import gc, sys, torch, yaml
     from emdctl import distributed
     from emdctl.methods import EMD
     from emdctl.recipe import parse_recipe
     from emdctl.rng import IterationDraws
     from emdctl.teachers import load_teacher
 
+    def generator_gradient(recipe, dist):
+        m = EMD(recipe, load_teacher(recipe.teacher, seed=0), dist)
+        m.initialize()
+        m.opt_gen.zero_grad(set_to_none=True)
+        m.generator_gradients(IterationDraws(recipe.seed, 0, dist.device))
+        return torch.cat([p.grad.flatten() for p in m.generator.parameters()])
+
     recipe = parse_recipe(yaml.safe_load(open(sys.argv[1])), "r")
     dist = distributed.init("cpu")
-    m = EMD(recipe, load_teacher(recipe.teacher, seed=0), dist)
-    m.initialize()
-    m.opt_gen.zero_grad(set_to_none=True)
-    m.generator_gradients(IterationDraws(recipe.seed, 0, dist.device))
-    g = torch.cat([p.grad.flatten() for p in m.generator.parameters()])
+    # The DDP-wrapped networks hold the process group: free them before it is torn down, not at
+    # interpreter exit (as a global they were, and one gloo rank sometimes aborted at exit with
+    # 'terminate called without an active exception', after the gradient was written).
+    g = generator_gradient(recipe, dist)
+    gc.collect()
     if dist.rank == 0:
         torch.save(g, sys.argv[2])
     distributed.shutdown(synchronize=True)
