@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .rng import derive_seed
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -256,6 +257,66 @@ def open_dataset(
     if resolution is not None and h != resolution:
         raise UserError(f"{path}: images are {h}x{w}, the recipe expects {resolution}x{resolution}")
     return ds
+
+
+class EpochPermutations:
+    """Sample number -> dataset index, a fresh permutation per epoch (cached, a few at a time)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, g: int) -> int:
+        epoch = g // self.n
+        if epoch not in self._cache:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "data-order"))
+            self._cache = {epoch: torch.randperm(self.n, generator=gen)}
+        return int(self._cache[epoch][g % self.n])
+
+
+class IterationBatches(torch.utils.data.Sampler):
+    """Yields, for iterations start, start+1, ..., the dataset indices of each of this rank's micro-batches."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, rows_per_micro: list[slice], start: int):
+        self.order = EpochPermutations(n, seed)
+        self.global_batch, self.rows, self.start = global_batch, rows_per_micro, start
+
+    def __iter__(self):
+        it = self.start
+        while True:
+            for rows in self.rows:
+                base = it * self.global_batch
+                yield [self.order(base + r) for r in range(rows.start, rows.stop)]
+            it += 1
+
+
+class IterationLoader:
+    """The real images of each iteration's micro-batches (this rank's), streamed by a DataLoader
+    with worker processes. Which images is a function of (seed, global sample number) only."""
+
+    def __init__(self, dataset: ImageDataset, seed: int, batching, device: torch.device):
+        self.dataset, self.seed, self.batching, self.device = dataset, seed, batching, device
+        self._iter = None
+        self._next = None
+
+    def batches(self, iteration: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(uint8 images [n, C, H, W], labels [n] or -1)] for each of this rank's micro-batches."""
+        if self._iter is None or self._next != iteration:
+            sampler = IterationBatches(
+                len(self.dataset), self.seed, self.batching.global_size, self.batching.micro_rows(), iteration
+            )
+            workers = 2 if self.device.type == "cpu" else 6
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=sampler,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=4,
+                persistent_workers=False,
+            )
+            self._iter = iter(loader)
+        self._next = iteration + 1
+        return [next(self._iter) for _ in self.batching.micro_rows()]
 
 
 class ImagesOnly(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from emdctl.checkpoint import CheckpointManager
-from emdctl.methods.edm_training import EpochPermutations
+from emdctl.data import EpochPermutations
 from emdctl.recipe import parse_recipe
 from emdctl.trainer import run_recipe
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import open_dataset, to_model_range
+from ..data import IterationLoader, open_dataset, to_model_range
 from ..errors import UserError
 from ..networks import build_denoiser, preset_config
 from ..precision import apply_policy
@@ -27,37 +27,6 @@ from ..rng import PerSeedRandom, derive_seed
 from ..samplers import edm_sampler
 from ..teachers import save_pretrained_denoiser
 from .base import Method, make_adam, no_sync, stats_of, wrap_ddp
-
-
-class EpochPermutations:
-    """Sample number -> dataset index, a fresh permutation per epoch (cached, a few at a time)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._cache: dict[int, torch.Tensor] = {}
-
-    def __call__(self, g: int) -> int:
-        epoch = g // self.n
-        if epoch not in self._cache:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "data-order"))
-            self._cache = {epoch: torch.randperm(self.n, generator=gen)}
-        return int(self._cache[epoch][g % self.n])
-
-
-class IterationBatches(torch.utils.data.Sampler):
-    """Yields, for iterations start, start+1, ..., the dataset indices of each of this rank's micro-batches."""
-
-    def __init__(self, n: int, seed: int, global_batch: int, rows_per_micro: list[slice], start: int):
-        self.order = EpochPermutations(n, seed)
-        self.global_batch, self.rows, self.start = global_batch, rows_per_micro, start
-
-    def __iter__(self):
-        it = self.start
-        while True:
-            for rows in self.rows:
-                base = it * self.global_batch
-                yield [self.order(base + r) for r in range(rows.start, rows.stop)]
-            it += 1
 
 
 class EDMTeacherTraining(Method):
@@ -88,8 +57,7 @@ class EDMTeacherTraining(Method):
         self.net_fn = torch.compile(self.net_ddp) if prec.compile and self.device.type == "cuda" else self.net_ddp
         o = recipe.optim
         self.opt = make_adam(self.net.parameters(), o.lr, o.betas, o.eps, 0.0, self.device)
-        self._loader_iter = None
-        self._loader_start = None
+        self.loader = IterationLoader(self.dataset, recipe.seed, self.batching, self.device)
 
     # -- trainer interface ---------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
@@ -107,24 +75,6 @@ class EDMTeacherTraining(Method):
     def initialize(self) -> None:
         pass  # fresh weights: the architecture's own initialization, seeded in __init__
 
-    def _batches(self, iteration: int):
-        if self._loader_iter is None or self._loader_start != iteration:
-            sampler = IterationBatches(
-                len(self.dataset), self.recipe.seed, self.batching.global_size, self.batching.micro_rows(), iteration
-            )
-            workers = 2 if self.device.type == "cpu" else 6
-            loader = torch.utils.data.DataLoader(
-                self.dataset,
-                batch_sampler=sampler,
-                num_workers=workers,
-                pin_memory=self.device.type == "cuda",
-                prefetch_factor=4,
-                persistent_workers=False,
-            )
-            self._loader_iter = iter(loader)
-        self._loader_start = iteration + 1
-        return [next(self._loader_iter) for _ in self.batching.micro_rows()]
-
     def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
         r = self.recipe
         draws = self.draws(iteration)
@@ -133,7 +83,7 @@ class EDMTeacherTraining(Method):
         for g in self.opt.param_groups:
             g["lr"] = lr
         n, shape = self.batching.global_size, (self.batching.global_size, *self.img_shape)
-        batches = self._batches(iteration)
+        batches = self.loader.batches(iteration)
         loss_sum = torch.zeros((), device=self.device)
         rows_list = self.batching.micro_rows()
         for m, (rows, (x_u8, y)) in enumerate(zip(rows_list, batches, strict=True)):
