@@ -74,7 +74,7 @@ def distill(
     resume: Annotated[bool, typer.Option(help="Continue an existing run even though its recipe differs.")] = False,
     force: Annotated[bool, typer.Option(help="Move an existing run with another recipe aside and start over.")] = False,
 ):
-    """Distill a teacher into a one-step generator (EMD or Diff-Instruct).
+    """Distill a teacher into a one-step generator (EMD; baselines Diff-Instruct, Moment Matching, GDD).
 
     Re-running the same command resumes from the last checkpoint. The run directory receives the
     resolved recipe, metrics.jsonl, checkpoints, PNG previews and, at the end, generator/.

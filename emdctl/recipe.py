@@ -263,8 +263,52 @@ class MomentMatchingMethod(Strict):
     weighting: Weighting = "sigma2"
 
 
+class DataSpec(Strict):
+    """A dataset on disk (format detected from the path unless given)."""
+
+    path: Path
+    format: Literal["auto", "edm-zip", "folder", "mnist", "npz"] = "auto"
+    labels: bool = False
+    xflip: bool = False
+    resolution: PositiveInt | None = None
+    max_images: PositiveInt | None = None
+
+
+class DiscriminatorSpec(Strict):
+    """GDD's discriminator: trainable heads on a frozen feature network.
+
+    features: 'input' puts the heads on the sample itself (an MLP for vectors; for images, conv
+    heads on the image at full, 1/2 and 1/4 resolution); 'teacher' puts one conv head on the output of
+    each resolution of the frozen teacher U-Net's encoder, run on the clean image at
+    feature_sigma (offline stand-in for GDD's pretrained classifiers; the teacher is not distilled
+    from, only read as a feature extractor). Heads are conditioned by projection on class labels."""
+
+    features: Literal["input", "teacher"] = "input"
+    feature_sigma: PositiveFloat = 0.05
+    channels: PositiveInt = 64
+    hidden: PositiveInt = 256  # vector data: MLP width
+    layers: PositiveInt = 3  # vector data: MLP hidden layers
+
+
+class GDDMethod(Strict):
+    """GDD / GDD-I (Zheng & Yang 2024): the generator (teacher at sigma*, GDD uses 80) trained by a
+    GAN against real data alone, no teacher calls. data: the real images (image teachers); a
+    mixture teacher's real data is drawn from the mixture itself. r1_gamma/r1_every: lazy R1 on real
+    data (the penalty is scaled by r1_every, as in StyleGAN2). freeze 'gdd-i': freeze every 3x3
+    convolution of the U-Net blocks and the attention output projections of the generator.
+    fake_score.steps_per_iteration counts discriminator steps; optim.*_fake configure its optimizer."""
+
+    name: Literal["gdd"]
+    data: DataSpec | None = None
+    discriminator: DiscriminatorSpec = DiscriminatorSpec()
+    loss: Literal["non-saturating", "hinge"] = "non-saturating"
+    r1_gamma: NonNegFloat = 1e-4
+    r1_every: PositiveInt = 16
+    freeze: Literal["none", "gdd-i"] = "none"
+
+
 Method = Annotated[
-    Union[EMDMethod, DiffInstructMethod, MomentMatchingMethod],  # noqa: UP007
+    Union[EMDMethod, DiffInstructMethod, MomentMatchingMethod, GDDMethod],  # noqa: UP007
     Field(discriminator="name"),
 ]
 
@@ -381,6 +425,17 @@ class DistillRecipe(_RunCommon):
         return self
 
     @model_validator(mode="after")
+    def _gdd_needs_real_data(self):
+        if self.method.name != "gdd":
+            return self
+        mixture = isinstance(self.teacher, MixtureTeacher)
+        if mixture and self.method.data is not None:
+            raise ValueError("method.data: a mixture teacher's real data is the mixture itself; remove method.data")
+        if not mixture and self.method.data is None:
+            raise ValueError("method.data: gdd trains against real images; give method.data.path (the dataset)")
+        return self
+
+    @model_validator(mode="after")
     def _evaluation_needs_a_mixture(self):
         if self.logging.eval_every and not isinstance(self.teacher, MixtureTeacher):
             raise ValueError(_NO_PERIODIC_EVAL)
@@ -389,15 +444,6 @@ class DistillRecipe(_RunCommon):
 
 # --------------------------------------------------------------------------------------------
 # Teacher training
-
-
-class DataSpec(Strict):
-    path: Path
-    format: Literal["auto", "edm-zip", "folder", "mnist", "npz"] = "auto"
-    labels: bool = False
-    xflip: bool = False
-    resolution: PositiveInt | None = None
-    max_images: PositiveInt | None = None
 
 
 class NetworkSpec(Strict):

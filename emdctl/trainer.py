@@ -220,7 +220,7 @@ class Trainer:
             out = self.method.export(self.run.root / self.export_name())
             summary["exported"] = str(out)
             records = self.run.read_metrics()
-            plotted = ("loss/", "grad_norm/", "langevin/", "di/", "eval/")
+            plotted = ("loss/", "grad_norm/", "langevin/", "di/", "gdd/", "eval/")
             keys = {k for rec in records for k in rec if k.startswith(plotted)} - {"eval/n", "eval/modes_covered"}
             save_curves(records, sorted(keys), self.run.root / "curves.png")
             atomic_write_json(self.run.root / "summary.json", summary)

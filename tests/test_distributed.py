@@ -58,6 +58,29 @@ def test_two_gloo_processes_equal_one(tmp_path):
             assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
 
 
+def test_gdd_two_gloo_processes_equal_one(tmp_path):
+    """GDD's discriminator is not DDP-wrapped (R1's double backward): its hand-averaged gradients,
+    R1 steps included, must still give the single-process run."""
+    recipe = tiny_mixture_recipe(
+        **{
+            "method": {"name": "gdd", "r1_gamma": 0.1, "r1_every": 2},
+            "batch.size": 32,
+            "batch.micro": 8,
+            "duration": 320,
+            "checkpoint.every": 10_000,
+        }  # fmt: skip
+    )
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(recipe))
+    t1, m1 = run_distill(tmp_path, f, tmp_path / "one", 1)
+    t2, m2 = run_distill(tmp_path, f, tmp_path / "two", 2)
+    assert m1["iteration"] == m2["iteration"] == 10 and m2["world_size"] == 2
+    assert any(k.startswith("net.discriminator.") for k in t1)
+    for key in t1:
+        if key.startswith(("net.", "optim.")):
+            assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
+
+
 GRADIENT_SCRIPT = textwrap.dedent(
     r"""
     import gc, sys, torch, yaml

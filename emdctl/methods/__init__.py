@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .diff_instruct import DiffInstruct
 from .emd import EMD
+from .gdd import GDD
 from .moment_matching import MomentMatching
 
-DISTILLATION_METHODS = {"emd": EMD, "diff-instruct": DiffInstruct, "moment-matching": MomentMatching}
+DISTILLATION_METHODS = {"emd": EMD, "diff-instruct": DiffInstruct, "moment-matching": MomentMatching, "gdd": GDD}
 
 
 def build_method(recipe, dist, teacher=None):
@@ -18,4 +19,4 @@ def build_method(recipe, dist, teacher=None):
     return DISTILLATION_METHODS[recipe.method.name](recipe, teacher, dist)
 
 
-__all__ = ["DISTILLATION_METHODS", "DiffInstruct", "EMD", "MomentMatching", "build_method"]
+__all__ = ["DISTILLATION_METHODS", "DiffInstruct", "EMD", "GDD", "MomentMatching", "build_method"]

@@ -1,9 +1,9 @@
-"""Shared machinery of the data-free distillation methods (EMD, Diff-Instruct, Moment Matching).
+"""Shared machinery of the distillation methods (EMD, Diff-Instruct, Moment Matching, GDD).
 
 Networks: the frozen teacher, the generator g (initialized from the teacher at sigma*), its EMA,
-and the fake score (initialized from the teacher, trained every iteration by denoising score
-matching on fresh, detached generator samples; Moment Matching overrides that update with its
-auxiliary denoiser's loss). A method only says which direction d the
+and a second trained network `fake`: the fake score (initialized from the teacher, trained every
+iteration by denoising score matching on fresh, detached generator samples), Moment Matching's
+auxiliary denoiser, or GDD's discriminator. A method only says which direction d the
 generator should move its samples in; the M-step is always the regression
     L = 1/2 w(sigma) || g(z) - sg(g(z) + d) ||^2,   grad = -w J_theta^T d.
 """
@@ -32,6 +32,8 @@ def one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor | None:
 
 
 class DistillationMethod(Method):
+    critic_ddp = True  # whether `fake` is trained through DDP (GDD averages its gradients by hand)
+
     def __init__(self, recipe, teacher: Teacher, dist):
         super().__init__(recipe, dist)
         self.teacher_info = teacher
@@ -40,19 +42,18 @@ class DistillationMethod(Method):
         self.label_dim = teacher.label_dim
         prec = recipe.precision
         gen = build_generator(teacher.student_config, recipe.generator.sigma_star, recipe.generator.arch_overrides)
-        fake_cfg = dict(teacher.student_config)
-        if recipe.fake_score.arch_overrides:
-            fake_cfg["arch_kwargs"] = {**fake_cfg.get("arch_kwargs", {}), **recipe.fake_score.arch_overrides}
-        fake = build_denoiser(fake_cfg)
-        for m in (self.teacher, gen, fake):
+        for m in (self.teacher, gen):
             apply_policy(m, prec.dtype, prec.channels_last, prec.checkpointing)
+        self.configure_generator(gen)
+        fake = self.build_critic(teacher)
         self.generator: OneStepGenerator = gen.to(self.device).train()
         self.generator_ema: OneStepGenerator = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.fake = fake.to(self.device).train()
         self.generator_ddp = wrap_ddp(self.generator, dist)
-        self.fake_ddp = wrap_ddp(self.fake, dist)
+        self.fake_ddp = wrap_ddp(self.fake, dist) if self.critic_ddp else self.fake
         o = recipe.optim
-        self.opt_gen = make_adam(self.generator.parameters(), o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device)
+        trainable = [p for p in self.generator.parameters() if p.requires_grad]
+        self.opt_gen = make_adam(trainable, o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device)
         self.opt_fake = make_adam(self.fake.parameters(), o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device)
         # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
         self.compiled = recipe.precision.compile and self.device.type == "cuda"
@@ -64,6 +65,18 @@ class DistillationMethod(Method):
 
     def _maybe_compile(self, module):
         return torch.compile(module) if self.compiled else module
+
+    def build_critic(self, teacher: Teacher) -> nn.Module:
+        """The second trained network (`self.fake`): here the fake score, a denoiser of the
+        teacher's architecture (Moment Matching uses it as its auxiliary denoiser)."""
+        cfg = dict(teacher.student_config)
+        if self.recipe.fake_score.arch_overrides:
+            cfg["arch_kwargs"] = {**cfg.get("arch_kwargs", {}), **self.recipe.fake_score.arch_overrides}
+        prec = self.recipe.precision
+        return apply_policy(build_denoiser(cfg), prec.dtype, prec.channels_last, prec.checkpointing)
+
+    def configure_generator(self, generator: OneStepGenerator) -> None:
+        """Adjust the generator before its optimizer is built (GDD-I freezes layers here)."""
 
     # -- trainer interface -------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
