@@ -288,6 +288,9 @@ class DiscriminatorSpec(Strict):
     channels: PositiveInt = 64
     hidden: PositiveInt = 256  # vector data: MLP width
     layers: PositiveInt = 3  # vector data: MLP hidden layers
+    # Differentiable augmentation of everything the discriminator sees, real and generated (Zhao et
+    # al. 2020, as GDD uses): images only.
+    augment: list[Literal["color", "translation", "cutout"]] = Field(default_factory=list)
 
 
 class GDDMethod(Strict):
@@ -433,6 +436,8 @@ class DistillRecipe(_RunCommon):
             raise ValueError("method.data: a mixture teacher's real data is the mixture itself; remove method.data")
         if not mixture and self.method.data is None:
             raise ValueError("method.data: gdd trains against real images; give method.data.path (the dataset)")
+        if mixture and self.method.discriminator.augment:
+            raise ValueError("method.discriminator.augment: augmentations are for images; remove it for a mixture")
         return self
 
     @model_validator(mode="after")

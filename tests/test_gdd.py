@@ -16,7 +16,7 @@ from emdctl.errors import UserError
 from emdctl.methods import GDD
 from emdctl.methods.gdd import discriminator_loss, gdd_i_frozen, generator_loss, r1_penalty
 from emdctl.networks import build_denoiser, preset_config
-from emdctl.networks.discriminator import Discriminator
+from emdctl.networks.discriminator import Discriminator, diff_augment
 from emdctl.recipe import DiscriminatorSpec, parse_recipe
 from emdctl.rng import IterationDraws
 from emdctl.storage import load_model_dir
@@ -105,6 +105,44 @@ def test_r1_penalty_is_the_squared_input_gradient_float64(shape):
     assert torch.allclose(got, fd.square().sum(1), rtol=1e-6, atol=1e-9)
 
 
+def test_diff_augment_translation_cutout_color():
+    g = torch.Generator().manual_seed(fresh_seed())
+    n, h, w = 6, 16, 24
+    u = torch.rand(n, 7, generator=g)
+    # translation moves a single bright pixel by (dy, dx) in -h/8..h/8, -w/8..w/8; zeros come in
+    x = torch.zeros(n, 2, h, w, dtype=torch.float64)
+    a = torch.randint(0, h, (n,), generator=g)
+    b = torch.randint(0, w, (n,), generator=g)
+    x[torch.arange(n), 1, a, b] = 1.0
+    y = diff_augment(x, ["translation"], u)
+    dy = (u[:, 3] * (2 * (h // 8) + 1)).floor().long() - h // 8
+    dx = (u[:, 4] * (2 * (w // 8) + 1)).floor().long() - w // 8
+    for i in range(n):
+        want = torch.zeros(2, h, w, dtype=torch.float64)
+        if 0 <= a[i] + dy[i] < h and 0 <= b[i] + dx[i] < w:
+            want[1, a[i] + dy[i], b[i] + dx[i]] = 1.0
+        assert torch.equal(y[i], want), i
+    # cutout zeroes one h/2 x w/2 square inside the image, nothing else
+    y = diff_augment(torch.ones(n, 3, h, w), ["cutout"], u)
+    assert torch.equal((y == 0).flatten(1).sum(1), torch.full((n,), 3 * (h // 2) * (w // 2)))
+    rows_hit = (y[:, 0] == 0).any(2)
+    assert torch.equal(rows_hit.sum(1), torch.full((n,), h // 2))
+    # color: brightness alone when saturation and contrast factors are 1; saturation 0 is grey
+    x = torch.randn(n, 3, h, w, generator=g, dtype=torch.float64)
+    v = u.clone().double()
+    v[:, 1], v[:, 2] = 0.5, 0.5
+    assert torch.allclose(diff_augment(x, ["color"], v), x + (v[:, :1, None, None] - 0.5), atol=1e-12)
+    v[:, 1] = 0.0
+    grey = diff_augment(x, ["color"], v)
+    assert torch.allclose(grey, grey[:, :1].expand_as(grey), atol=1e-12)
+    # every sample depends on its own draws only, and the whole map is differentiable
+    ops = ["color", "translation", "cutout"]
+    both = diff_augment(x, ops, u)
+    assert torch.allclose(both[2:3], diff_augment(x[2:3], ops, u[2:3]), atol=1e-12)
+    xs = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: diff_augment(t, ops, u[:2]), (xs,))
+
+
 def test_generator_step_is_the_gan_loss_gradient():
     """The shared regression with d = -grad_x l and w = 1 has the gradient of the generator's GAN
     loss mean_i l(D(g(z_i))), computed here directly by autograd through the discriminator."""
@@ -173,7 +211,7 @@ def image_recipe(root, features="teacher", **kw):
         "method": {
             "name": "gdd",
             "data": {"path": str(root / "data.npz"), "labels": True, "xflip": True},
-            "discriminator": {"features": features, "channels": 8},
+            "discriminator": {"features": features, "channels": 8, "augment": ["color", "translation", "cutout"]},
             "freeze": "gdd-i",
             "r1_every": 2,
         },
@@ -219,6 +257,8 @@ def test_recipe_and_teacher_errors(image_setup, tmp_path):
         image_recipe(image_setup, method={"name": "gdd"})
     with pytest.raises(UserError, match=r"method\.data: a mixture teacher's real data is the mixture"):
         mixture_recipe(**{"method.data": {"path": "x.npz"}})
+    with pytest.raises(UserError, match=r"method\.discriminator\.augment: augmentations are for images"):
+        mixture_recipe(**{"method.discriminator": {"augment": ["color"]}})
     with pytest.raises(UserError, match=r"method\.freeze: gdd-i .* has none"):
         build(**{"method.freeze": "gdd-i"})
     with pytest.raises(UserError, match=r"method\.discriminator\.features: vector data"):
@@ -269,3 +309,23 @@ def test_distill_gdd_on_the_mixture_end_to_end(tmp_path):
     assert m["tv_distance"] < 0.5 * first["eval/tv_distance"] and m["modes_covered"] >= 7
     assert (run / "curves.png").is_file()
     assert json.loads((run / "generator" / "config.json").read_text())["method"] == "gdd"
+
+
+def test_teacher_features_and_gdd_i_refuse_the_mnist_ddpm(shared_data):
+    """The MNIST DDPM's U-Net (Pulfer's) has no EDM-style encoder blocks: both options say so."""
+    teacher = {"kind": "ddpm-pulfer", "path": str(shared_data / "teachers" / "ddpm_mnist_pulfer_myunet.pt")}
+    base = {
+        "kind": "distill",
+        "device": "cpu",
+        "teacher": teacher,
+        "batch": {"size": 4},
+        "logging": {"progress": False},
+    }
+    data = {"path": str(shared_data / "mnist")}
+    for method, match in (
+        ({"name": "gdd", "data": data, "discriminator": {"features": "teacher"}}, r"'teacher' needs a SongUNet"),
+        ({"name": "gdd", "data": data, "freeze": "gdd-i"}, r"method\.freeze: gdd-i"),
+    ):
+        recipe = parse_recipe({**base, "method": method}, "mnist-gdd.yaml")
+        with pytest.raises(UserError, match=match):
+            GDD(recipe, load_teacher(recipe.teacher), DistContext())

@@ -5,9 +5,11 @@ data with the non-saturating GAN loss (or the hinge loss); the teacher is never 
 target: it only initializes g and, with `discriminator.features: teacher`, serves as the frozen
 feature network under the discriminator's heads (networks/discriminator.py). Lazy R1 on real data:
 every r1_every iterations the discriminator's loss gains r1_every * r1_gamma / 2 ||grad_x D(x)||^2
-(StyleGAN2's lazy-regularization scaling). GDD-I (`freeze: gdd-i`) freezes every 3x3 convolution
-of the generator's U-Net blocks and the attention output projections (about 85% of DDPM++'s
-parameters); norms, embeddings, qkv, 1x1 skips, stem and output layers still train.
+(StyleGAN2's lazy-regularization scaling). `discriminator.augment` applies DiffAugment's color,
+translation and cutout to everything the discriminator sees, differentiably. GDD-I
+(`freeze: gdd-i`) freezes every 3x3 convolution of the generator's U-Net blocks and the attention
+output projections (about 85% of DDPM++'s parameters); norms, embeddings, qkv, 1x1 skips, stem and
+output layers still train.
 
 The generator step is the shared regression with d = -grad_x l(x) per sample and w = 1, so its
 gradient J^T grad_x l is exactly the GAN loss's. The discriminator is not DDP-wrapped (R1 needs a
@@ -22,7 +24,7 @@ from torch import nn
 
 from ..data import IterationLoader, open_dataset, to_model_range
 from ..errors import UserError
-from ..networks.discriminator import Discriminator
+from ..networks.discriminator import Discriminator, diff_augment
 from ..networks.layers import UNetBlock
 from ..rng import IterationDraws, derive_seed
 from ..storage import load_state_strict
@@ -163,6 +165,13 @@ class GDD(DistillationMethod):
         stats.update(self.generator_update(draws))
         return stats
 
+    def augmented(self, x: torch.Tensor, draws: IterationDraws, stream: str, rows: slice) -> torch.Tensor:
+        """What the discriminator sees: x after `discriminator.augment` (per-sample draws from STREAM)."""
+        ops = self.recipe.method.discriminator.augment
+        if not ops:
+            return x
+        return diff_augment(x, ops, draws.uniform(stream, (self.batching.global_size, 7), rows))
+
     def discriminator_update(self, draws: IterationDraws, j: int, reals, r1: bool) -> dict[str, torch.Tensor]:
         m = self.recipe.method
         shape = self.global_shape()
@@ -174,7 +183,9 @@ class GDD(DistillationMethod):
                 x_fake = self.gen_fn(draws.normal(f"disc{j}/z", shape, rows), labels)
             x_real = x_real.detach().requires_grad_(r1)
             both = None if labels is None else torch.cat([labels, labels])
-            logits = self.fake_m(torch.cat([x_real, x_fake]), both)
+            seen = [self.augmented(x_real, draws, f"disc{j}/aug-real", rows),
+                    self.augmented(x_fake, draws, f"disc{j}/aug-fake", rows)]  # fmt: skip
+            logits = self.fake_m(torch.cat(seen), both)
             real = [v[: len(x_real)] for v in logits]
             fake = [v[len(x_real) :] for v in logits]
             per_sample = discriminator_loss(real, fake, m.loss)
@@ -210,7 +221,9 @@ class GDD(DistillationMethod):
         labels = self._real_labels.get(rows.start)
         x0 = self.generator_m(draws.normal("gen/z", self.global_shape(), rows), labels)
         x = x0.detach().requires_grad_(True)
-        per_sample = generator_loss(self.fake(x, labels), self.recipe.method.loss)
+        per_sample = generator_loss(
+            self.fake(self.augmented(x, draws, "gen/aug", rows), labels), self.recipe.method.loss
+        )
         (grad,) = torch.autograd.grad(per_sample.sum(), x)
         w = torch.ones(len(x), device=x.device)
         return x0, -grad, w, {"gdd/loss_gen": per_sample.mean().detach()}

@@ -22,6 +22,44 @@ from ..errors import UserError
 from .precond import Denoiser
 
 
+def diff_augment(x: torch.Tensor, ops, u: torch.Tensor) -> torch.Tensor:
+    """Differentiable augmentation of images x [N, C, H, W] (DiffAugment's three families), every
+    random choice read from u [N, 7] (uniform on [0, 1), one row per sample, so a sample's
+    augmentation depends only on its own draws):
+      color: brightness + (u0 - 1/2), saturation x 2 u1 about the channel mean, contrast x (u2 + 1/2)
+        about the image mean;
+      translation: an integer shift by up to H/8 and W/8 pixels (u3, u4), zeros shifted in;
+      cutout: a zeroed H/2 x W/2 square at a position inside the image (u5, u6)."""
+    n, _, h, w = x.shape
+
+    def col(i):
+        return u[:, i].to(x.dtype).reshape(n, 1, 1, 1)
+
+    if "color" in ops:
+        x = x + (col(0) - 0.5)
+        x = (x - x.mean(1, keepdim=True)) * (2 * col(1)) + x.mean(1, keepdim=True)
+        x = (x - x.mean((1, 2, 3), keepdim=True)) * (col(2) + 0.5) + x.mean((1, 2, 3), keepdim=True)
+    if "translation" in ops:
+        sh, sw = h // 8, w // 8
+        dy = torch.floor(u[:, 3] * (2 * sh + 1)).long() - sh  # uniform on -sh..sh
+        dx = torch.floor(u[:, 4] * (2 * sw + 1)).long() - sw
+        padded = F.pad(x, (sw, sw, sh, sh))
+        rows = (torch.arange(h, device=x.device)[None, :] - dy[:, None] + sh)[:, None, :, None]
+        cols = (torch.arange(w, device=x.device)[None, :] - dx[:, None] + sw)[:, None, None, :]
+        x = padded.gather(2, rows.expand(n, x.shape[1], h, padded.shape[3]))
+        x = x.gather(3, cols.expand(n, x.shape[1], h, w))
+    if "cutout" in ops:
+        ch, cw = h // 2, w // 2
+        y0 = torch.floor(u[:, 5] * (h - ch + 1)).long()[:, None]
+        x0 = torch.floor(u[:, 6] * (w - cw + 1)).long()[:, None]
+        iy, ix = torch.arange(h, device=x.device)[None, :], torch.arange(w, device=x.device)[None, :]
+        inside_y = (iy >= y0) & (iy < y0 + ch)
+        inside_x = (ix >= x0) & (ix < x0 + cw)
+        keep = ~(inside_y[:, :, None] & inside_x[:, None, :])
+        x = x * keep[:, None].to(x.dtype)
+    return x
+
+
 class _StopForward(Exception):
     """Raised by the last feature hook: the teacher's decoder is not needed."""
 
