@@ -292,10 +292,12 @@ class IterationBatches(torch.utils.data.Sampler):
 
 class IterationLoader:
     """The real images of each iteration's micro-batches (this rank's), streamed by a DataLoader
-    with worker processes. Which images is a function of (seed, global sample number) only."""
+    with worker processes. Which images is a function of (seed, global sample number) only; with
+    `xflip`, whether each is mirrored is a function of its row's draw from `flip_stream`."""
 
-    def __init__(self, dataset: ImageDataset, seed: int, batching, device: torch.device):
+    def __init__(self, dataset: ImageDataset, seed: int, batching, device: torch.device, xflip: bool, flip_stream: str):
         self.dataset, self.seed, self.batching, self.device = dataset, seed, batching, device
+        self.xflip, self.flip_stream = xflip, flip_stream
         self._iter = None
         self._next = None
 
@@ -317,6 +319,18 @@ class IterationLoader:
             self._iter = iter(loader)
         self._next = iteration + 1
         return [next(self._iter) for _ in self.batching.micro_rows()]
+
+    def images(self, iteration: int, draws) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(images in the model's range [-1, 1], flipped as drawn; labels on the device)] per
+        micro-batch of this rank (`draws`: the iteration's rng.IterationDraws)."""
+        out = []
+        for rows, (x_u8, y) in zip(self.batching.micro_rows(), self.batches(iteration), strict=True):
+            x = to_model_range(x_u8.to(self.device, non_blocking=True))
+            if self.xflip:
+                flip = draws.uniform(self.flip_stream, (self.batching.global_size,), rows) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            out.append((x, y.to(self.device)))
+        return out
 
 
 class ImagesOnly(torch.utils.data.Dataset):

@@ -124,6 +124,30 @@ def test_mixture_covariance_formula():
     assert torch.allclose(s.mean(0), mix.mean(), atol=0.02)
 
 
+def test_mixture_transform_has_the_mixture_law():
+    """transform(u, noise) with u uniform and noise normal: component k with probability w_k, and
+    within it N(mu_k, s_k^2 I) (random weights and scales; means 20 apart, so the nearest mean
+    names the component)."""
+    g = fresh()
+    k, n = 3, 400000
+    means = torch.randn(k, 2, generator=g, dtype=torch.float64) + torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    mix = GaussianMixture(
+        torch.rand(k, generator=g, dtype=torch.float64) + 0.1,
+        means,
+        torch.rand(k, generator=g, dtype=torch.float64) + 0.1,
+    )
+    x = mix.transform(
+        torch.rand(n, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+    )
+    comp = torch.cdist(x, mix.means).argmin(1)
+    freq = torch.bincount(comp, minlength=k).double() / n
+    assert (freq - mix.weights).abs().max() < 5 * (0.25 / n) ** 0.5
+    for j in range(k):
+        xs = x[comp == j]
+        assert (xs.mean(0) - mix.means[j]).abs().max() < 5 * mix.scales[j] / len(xs) ** 0.5
+        assert abs(float(xs.std(0).mean() / mix.scales[j]) - 1) < 0.02
+
+
 @pytest.mark.parametrize("solver", ["heun", "euler"])
 def test_heun_on_the_exact_mixture_reproduces_its_moments(solver):
     mix = GaussianMixture(**preset_mixture("ring8-unequal"))

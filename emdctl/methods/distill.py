@@ -20,6 +20,7 @@ from torch import nn
 from .. import diffusion
 from ..generator import OneStepGenerator, build_generator
 from ..networks import build_denoiser
+from ..networks.precond import Denoiser
 from ..precision import apply_policy
 from ..rng import IterationDraws, PerSeedRandom
 from ..storage import load_state_strict
@@ -32,6 +33,7 @@ def one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor | None:
 
 
 class DistillationMethod(Method):
+    critic_name = "fake"  # the second network's name in checkpoints and configs
     critic_ddp = True  # whether `fake` is trained through DDP (GDD averages its gradients by hand)
 
     def __init__(self, recipe, teacher: Teacher, dist):
@@ -80,10 +82,10 @@ class DistillationMethod(Method):
 
     # -- trainer interface -------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}
+        return {"generator": self.generator, "generator_ema": self.generator_ema, self.critic_name: self.fake}
 
     def optimizers(self):
-        return {"generator": self.opt_gen, "fake": self.opt_fake}
+        return {"generator": self.opt_gen, self.critic_name: self.opt_fake}
 
     def ema_pairs(self):
         return [(self.generator_ema, self.generator)]
@@ -91,13 +93,18 @@ class DistillationMethod(Method):
     def configs(self) -> dict:
         return {
             "generator": self.generator.config(self.data_info()),
-            "fake": self.fake.config(),
+            self.critic_name: self.fake.config(),
             "teacher": self.teacher_info.describe(),
         }
 
     def initialize(self) -> None:
+        """The generator, its EMA and a denoiser critic start as the teacher (GDD's discriminator
+        keeps its own seeded initialization)."""
         weights = self.teacher_info.init_weights()
-        for target in (self.generator.denoiser, self.generator_ema.denoiser, self.fake):
+        targets = [self.generator.denoiser, self.generator_ema.denoiser]
+        if isinstance(self.fake, Denoiser):
+            targets.append(self.fake)
+        for target in targets:
             load_state_strict(target, weights, f"teacher weights ({self.teacher_info.source})")
 
     def data_info(self) -> dict:

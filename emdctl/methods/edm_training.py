@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import IterationLoader, open_dataset, to_model_range
+from ..data import IterationLoader, open_dataset
 from ..errors import UserError
 from ..networks import build_denoiser, preset_config
 from ..precision import apply_policy
@@ -57,7 +57,7 @@ class EDMTeacherTraining(Method):
         self.net_fn = torch.compile(self.net_ddp) if prec.compile and self.device.type == "cuda" else self.net_ddp
         o = recipe.optim
         self.opt = make_adam(self.net.parameters(), o.lr, o.betas, o.eps, 0.0, self.device)
-        self.loader = IterationLoader(self.dataset, recipe.seed, self.batching, self.device)
+        self.loader = IterationLoader(self.dataset, recipe.seed, self.batching, self.device, d.xflip, "data/xflip")
 
     # -- trainer interface ---------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
@@ -83,15 +83,10 @@ class EDMTeacherTraining(Method):
         for g in self.opt.param_groups:
             g["lr"] = lr
         n, shape = self.batching.global_size, (self.batching.global_size, *self.img_shape)
-        batches = self.loader.batches(iteration)
         loss_sum = torch.zeros((), device=self.device)
         rows_list = self.batching.micro_rows()
-        for m, (rows, (x_u8, y)) in enumerate(zip(rows_list, batches, strict=True)):
-            x0 = to_model_range(x_u8.to(self.device, non_blocking=True))
-            if r.data.xflip:
-                flip = draws.uniform("data/xflip", (n,), rows) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            labels = torch.nn.functional.one_hot(y.to(self.device), self.label_dim).float() if self.label_dim else None
+        for m, (rows, (x0, y)) in enumerate(zip(rows_list, self.loader.images(iteration, draws), strict=True)):
+            labels = torch.nn.functional.one_hot(y, self.label_dim).float() if self.label_dim else None
             sigma = (draws.normal("edm/sigma", (n,), rows) * r.loss.p_std + r.loss.p_mean).exp()
             noise = draws.normal("edm/noise", shape, rows)
             with no_sync(self.net_ddp, m == len(rows_list) - 1):

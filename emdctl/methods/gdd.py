@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IterationLoader, open_dataset, to_model_range
+from ..data import IterationLoader, open_dataset
 from ..errors import UserError
 from ..networks.discriminator import Discriminator, diff_augment
 from ..networks.layers import UNetBlock
 from ..rng import IterationDraws, derive_seed
-from ..storage import load_state_strict
 from .base import stats_of
 from .distill import DistillationMethod, one_hot
 
@@ -65,6 +64,7 @@ def r1_penalty(real_logits: list[torch.Tensor], x_real: torch.Tensor) -> torch.T
 
 class GDD(DistillationMethod):
     name = "gdd"
+    critic_name = "discriminator"
     critic_ddp = False
 
     def __init__(self, recipe, teacher, dist):
@@ -86,7 +86,7 @@ class GDD(DistillationMethod):
                 raise UserError(
                     f"method.data: the teacher is class-conditional; {d.path} needs labels (data.labels: true)"
                 )
-            self.loader = IterationLoader(dataset, recipe.seed, self.batching, self.device)
+            self.loader = IterationLoader(dataset, recipe.seed, self.batching, self.device, d.xflip, "real/xflip")
         self._real_labels: dict[int, torch.Tensor | None] = {}
 
     # -- networks ------------------------------------------------------------------------------------
@@ -109,46 +109,16 @@ class GDD(DistillationMethod):
             if name in frozen:
                 p.requires_grad_(False)
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "generator_ema": self.generator_ema, "discriminator": self.fake}
-
-    def optimizers(self):
-        return {"generator": self.opt_gen, "discriminator": self.opt_fake}
-
-    def configs(self) -> dict:
-        return {
-            "generator": self.generator.config(self.data_info()),
-            "discriminator": self.fake.config(),
-            "teacher": self.teacher_info.describe(),
-        }
-
-    def initialize(self) -> None:
-        weights = self.teacher_info.init_weights()
-        for target in (self.generator.denoiser, self.generator_ema.denoiser):
-            load_state_strict(target, weights, f"teacher weights ({self.teacher_info.source})")
-
     # -- real data -------------------------------------------------------------------------------------
     def real_batches(self, draws: IterationDraws, iteration: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(x, labels) of this rank's micro-batches of real data: drawn from the mixture itself, or
         the dataset's images in the order fixed by (seed, global sample number)."""
+        if self.loader is not None:
+            return [(x, one_hot(y, self.label_dim)) for x, y in self.loader.images(iteration, draws)]
         n, out = self.batching.global_size, []
-        rows_list = self.batching.micro_rows()
-        if self.loader is None:
-            w = self.mixture.weights.to(self.device, torch.float32)
-            mu = self.mixture.means.to(self.device, torch.float32)
-            s = self.mixture.scales.to(self.device, torch.float32)
-            for rows in rows_list:
-                u = draws.uniform("real/component", (n,), rows)
-                k = torch.searchsorted(w.cumsum(0), u).clamp_max(len(w) - 1)
-                out.append((mu[k] + s[k, None] * draws.normal("real/noise", (n, self.mixture.dim), rows), None))
-            return out
-        flip_data = self.recipe.method.data.xflip
-        for rows, (x_u8, y) in zip(rows_list, self.loader.batches(iteration), strict=True):
-            x = to_model_range(x_u8.to(self.device, non_blocking=True))
-            if flip_data:
-                flip = draws.uniform("real/xflip", (n,), rows) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            out.append((x, one_hot(y.to(self.device), self.label_dim)))
+        for rows in self.batching.micro_rows():
+            u = draws.uniform("real/component", (n,), rows)
+            out.append((self.mixture.transform(u, draws.normal("real/noise", (n, self.mixture.dim), rows)), None))
         return out
 
     # -- training ------------------------------------------------------------------------------------------

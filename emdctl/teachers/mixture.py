@@ -97,6 +97,13 @@ class GaussianMixture:
         std = (self.scales[k].square() + sigma**2).sqrt()[:, None]
         return self.means[k] + std * noise
 
+    def transform(self, u: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Samples as a function of given random numbers: u [N] uniform on [0, 1) picks the
+        component (inverse CDF of the weights), noise [N, D] standard normal; in noise's dtype."""
+        w, mu, s = (t.to(noise) for t in self._params(noise))
+        k = torch.searchsorted(w.cumsum(0), u.to(noise)).clamp_max(len(w) - 1)
+        return mu[k] + s[k, None] * noise
+
     def mean(self) -> torch.Tensor:
         return (self.weights[:, None] * self.means).sum(0)
 
