@@ -177,7 +177,10 @@ def sample(
     n: Annotated[int | None, typer.Option("--n", help="Number of images (seeds 0..n-1).")] = None,
     seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0-49999 or 0,5,7 (one image per seed).")] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass (does not change the pixels).")] = 256,
-    steps: Annotated[int, typer.Option(help="Sampling steps: 1 for a one-step generator; teacher: solver steps.")] = 1,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Sampler steps (default: the generator's trained count; teacher: 18 Heun/Euler, all DDPM)."),
+    ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="png (sub-folders of 1000), npz ([N,H,W,C] uint8) or both.")
     ] = "png",
@@ -200,7 +203,7 @@ def sample(
 
     if sampler not in ("auto", "heun", "euler", "ddpm"):
         raise UserError(f"--sampler {sampler!r}: allowed values are auto, heun, euler, ddpm")
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise UserError("--steps must be at least 1")
     summary = sample_command(
         source, teacher, _seeds(seeds, n), out_dir, batch, steps, fmt, class_label, ema, sampler, device
@@ -261,7 +264,9 @@ def _metric_command(metric: str):
             list[str] | None, typer.Option(help="Seed ranges (repeatable; min and mean reported).")
         ] = None,
         batch: Annotated[int, typer.Option(help="Batch size.")] = 256,
-        steps: Annotated[int, typer.Option(help="Sampling steps of the generator.")] = 1,
+        steps: Annotated[
+            int | None, typer.Option(help="Sampler steps of the generator (default: its trained count).")
+        ] = None,
         ema: Annotated[bool, typer.Option(help="Use a run's EMA weights.")] = True,
         inception_weights: WeightsOpt = None,
         device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -105,6 +105,27 @@ def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: flo
     return torch.cat([t, torch.zeros(1, dtype=dtype)])
 
 
+def few_step_levels(steps: int, sigma_max: float, sigma_min: float, rho: float = 7.0) -> list[float]:
+    """The input levels sigma_max = sigma_k > ... > sigma_1 of a k-step sampler: EDM's schedule on
+    k + 1 points from sigma_max to sigma_min with the last dropped, since the final step denoises to
+    0 anyway (so no step is spent at sigma_min: 2 steps from 80 take the second at 2.5)."""
+    levels = karras_schedule(steps + 1, sigma_min, sigma_max, rho)[:steps].tolist()
+    return [float(sigma_max)] + levels[1:]  # the power rounds sigma_max itself by an ulp or so
+
+
+def posterior_sample(x: torch.Tensor, z_t: torch.Tensor, sigma_t, sigma_s, noise: torch.Tensor) -> torch.Tensor:
+    """z_s ~ q(z_s | z_t, x) of the variance-exploding forward process z = x + sigma n, for s <= t
+    (per-row tensors or floats): mean x + (s^2 / t^2)(z_t - x), variance s^2 (1 - s^2 / t^2)."""
+
+    def rows(v):
+        return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype) if isinstance(v, torch.Tensor) else v
+
+    s, t = rows(sigma_s), rows(sigma_t)
+    r = s * s / (t * t)
+    keep = (1 - r).clamp_min(0).sqrt() if isinstance(r, torch.Tensor) else math.sqrt(max(1 - r, 0.0))
+    return x + r * (z_t - x) + s * keep * noise
+
+
 # --------------------------------------------------------------------------------------------
 # Generator-loss weightings w(sigma) for EMD and Diff-Instruct
 

@@ -4,7 +4,9 @@
   without the recipe or the teacher;
 * onnx / torchscript: a module z -> image with z flattened to [B, z_size] (and integer class
   labels [B] for conditional models), returning uint8 NCHW images (vectors stay float32): the
-  interface of torch-fidelity's generative-model inputs. ONNX files are checked against torch with
+  interface of torch-fidelity's generative-model inputs. A few-step generator's z is its latent
+  followed by the unit noise of each later step (z_size = steps x image size), so the exported
+  sampler is a function of its inputs alone. ONNX files are checked against torch with
   onnxruntime when it is installed.
 """
 
@@ -25,7 +27,8 @@ FORMATS = ("safetensors", "onnx", "torchscript")
 
 
 class PortableGenerator(nn.Module):
-    """z [B, z_size] (+ labels [B]) -> uint8 images [B, C, H, W] (or float vectors)."""
+    """z [B, z_size] (+ labels [B]) -> uint8 images [B, C, H, W] (or float vectors), sampled with
+    the generator's trained steps; z holds the latent, then each later step's noise."""
 
     def __init__(self, gen: OneStepGenerator, is_image: bool):
         super().__init__()
@@ -34,11 +37,11 @@ class PortableGenerator(nn.Module):
         self.z_shape = tuple(gen.img_shape)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        z = z.reshape(z.shape[0], *self.z_shape)
+        z = z.reshape(z.shape[0], self.gen.steps, *self.z_shape)
         y = None
         if self.gen.label_dim:
             y = torch.nn.functional.one_hot(labels.long(), self.gen.label_dim).to(z.dtype)
-        x = self.gen(z, y)
+        x = self.gen.sample(z[:, 0], y, noises=list(z[:, 1:].unbind(1)))
         if not self.is_image:
             return x
         return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
@@ -46,7 +49,7 @@ class PortableGenerator(nn.Module):
 
 def _example_inputs(gen: OneStepGenerator, batch: int = 2):
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(batch, math.prod(gen.img_shape), generator=g)
+    z = torch.randn(batch, math.prod(gen.img_shape) * gen.steps, generator=g)
     labels = torch.randint(gen.label_dim, (batch,), generator=g) if gen.label_dim else None
     return z, labels
 
@@ -113,13 +116,16 @@ def export_command(source: Path, fmt: str, out: Path, use_ema: bool = True) -> d
         "kind": "generator",
         "source": str(source),
         "ema": use_ema,
-        "z_size": math.prod(gen.img_shape),
+        "z_size": math.prod(gen.img_shape) * gen.steps,
         "z_shape": list(gen.img_shape),
         "z_type": "normal",
         "num_classes": gen.label_dim,
         "resolution": gen.img_shape[-1] if is_image else None,
         "channels": gen.img_shape[0] if is_image else None,
         "sigma_star": gen.sigma_star,
+        "steps": gen.steps,
+        "levels": gen.levels,
+        "sampler": gen.sampler,
         "data": data,
         "output": "uint8 NCHW in [0, 255]" if is_image else "float32 [B, D]",
     }

@@ -253,16 +253,6 @@ class DiffInstructMethod(Strict):
     weighting: Weighting = "sigma2"
 
 
-class MomentMatchingMethod(Strict):
-    """Moment Matching (alternating variant, one step): noise levels s of the re-noised student
-    samples; they must stay at or below the student's input level sigma* (z_s ~ q(z_s | z_t, x~)
-    needs s <= t), and so must fake_score.noise_levels (the auxiliary denoiser's)."""
-
-    name: Literal["moment-matching"]
-    noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=2.5)
-    weighting: Weighting = "sigma2"
-
-
 class DataSpec(Strict):
     """A dataset on disk (format detected from the path unless given)."""
 
@@ -272,6 +262,34 @@ class DataSpec(Strict):
     xflip: bool = False
     resolution: PositiveInt | None = None
     max_images: PositiveInt | None = None
+
+
+class MomentMatchingMethod(Strict):
+    """Moment Matching (Salimans et al. 2024, alternating variant) with a k-step student, k = steps.
+
+    The student samples ancestrally from sigma* down its levels sigma* = sigma_k > ... > sigma_1
+    (`levels`; default EDM's schedule on k + 1 points from sigma* to noise_levels.sigma_min, the
+    last dropped). Training draws s from noise_levels (at most sigma*: z_s ~ q(z_s | z_t, x~) needs
+    s <= t, and so must fake_score.noise_levels, the auxiliary denoiser's), takes the step whose
+    level t is the smallest >= s, and makes its input z_t: sigma* z at the top level; below it from
+    the student's own sampler (z_t 'student', no data; costs up to k - 1 extra forward passes) or
+    forward-diffused data (z_t 'data', the paper's choice: method.data, or for a mixture teacher
+    the mixture itself)."""
+
+    name: Literal["moment-matching"]
+    noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=2.5)
+    weighting: Weighting = "sigma2"
+    steps: Annotated[int, Field(ge=1, le=8)] = 1
+    levels: list[PositiveFloat] | None = None
+    z_t: Literal["student", "data"] = "student"
+    data: DataSpec | None = None
+
+    def student_levels(self, sigma_star: float) -> list[float]:
+        if self.levels is not None:
+            return list(self.levels)
+        from .diffusion import few_step_levels
+
+        return few_step_levels(self.steps, sigma_star, self.noise_levels.sigma_min)
 
 
 class DiscriminatorSpec(Strict):
@@ -425,6 +443,30 @@ class DistillRecipe(_RunCommon):
                     f"for moment-matching: it re-noises the student's samples to levels s <= sigma*; "
                     f"set {field}.sigma_max to at most {t:g}"
                 )
+        m = self.method
+        if m.levels is not None:
+            shown = ", ".join(f"{v:g}" for v in m.levels)
+            if len(m.levels) != m.steps:
+                raise ValueError(f"method.levels: {len(m.levels)} levels ({shown}) for method.steps {m.steps}")
+            if abs(m.levels[0] - t) > 1e-6 * t or any(b >= a for a, b in zip(m.levels, m.levels[1:], strict=False)):
+                raise ValueError(f"method.levels ({shown}) must start at sigma* ({t:g}) and decrease")
+        levels = m.student_levels(t)
+        if m.steps > 1 and not (m.noise_levels.sigma_min < levels[-1] and m.noise_levels.sigma_max > levels[1]):
+            raise ValueError(
+                f"method.noise_levels [{m.noise_levels.sigma_min:g}, {m.noise_levels.sigma_max:g}] must reach into "
+                f"every step's range, from below {levels[-1]:g} to above {levels[1]:g} (the student's levels "
+                f"{', '.join(f'{v:.4g}' for v in levels)}); widen it or set method.levels"
+            )
+        mixture = isinstance(self.teacher, MixtureTeacher)
+        if m.z_t == "student" and m.data is not None:
+            raise ValueError("method.data: used only with method.z_t: data; remove it or set z_t: data")
+        if m.z_t == "data":
+            if m.steps == 1:
+                raise ValueError("method.z_t: a one-step student's input is sigma* z, not data; use z_t: student")
+            if mixture and m.data is not None:
+                raise ValueError("method.data: a mixture teacher's data is the mixture itself; remove method.data")
+            if not mixture and m.data is None:
+                raise ValueError("method.data: z_t: data forward-diffuses real images; give method.data.path")
         return self
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError
-from .generator import OneStepGenerator, load_generator
+from .generator import OneStepGenerator, generator_from_config, load_generator
 from .plots import save_image_grid, save_scatter, to_uint8
 from .rng import PerSeedRandom
 from .storage import atomic_path, atomic_write_json
@@ -69,18 +69,17 @@ def open_generator(source: Path, use_ema: bool = True) -> tuple[OneStepGenerator
 
 def generator_from_checkpoint(run_dir: Path, use_ema: bool = True) -> tuple[OneStepGenerator, dict]:
     from .checkpoint import CheckpointManager, restore_module
-    from .networks import build_denoiser
 
     tensors, meta = CheckpointManager(run_dir).load()
     cfg = meta.get("configs", {}).get("generator")
     if meta.get("kind") != "distill" or not cfg:
         raise UserError(f"{run_dir}: its checkpoints hold no generator (kind {meta.get('kind')!r})")
-    gen = OneStepGenerator(build_denoiser(cfg["denoiser"]), cfg["sigma_star"])
+    gen = generator_from_config(cfg)
     restore_module("net.generator_ema" if use_ema else "net.generator", gen, tensors, str(run_dir))
     return gen.eval().requires_grad_(False), {**cfg, "teacher": meta["configs"].get("teacher", {})}
 
 
-def teacher_sampler(recipe_path: Path, steps: int, sampler: str, device) -> tuple[Callable, dict]:
+def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) -> tuple[Callable, dict]:
     """A function seeds -> (samples, labels) for the teacher a recipe names."""
     from .networks.precond import DiscreteVPPrecond
     from .recipe import load_recipe
@@ -103,14 +102,14 @@ def teacher_sampler(recipe_path: Path, steps: int, sampler: str, device) -> tupl
         if kind == "ddpm":
             x = ddpm_sampler(den, latents, labels, rng, num_steps=steps)
         else:
-            x = edm_sampler(den, latents, labels, rng, num_steps=steps, solver=kind)
+            x = edm_sampler(den, latents, labels, rng, num_steps=steps or 18, solver=kind)
         return x.float(), labels
 
     data = {"kind": "image", "range": [-1.0, 1.0]} if len(den.img_shape) == 3 else {"kind": "vector"}
     return fn, {"img_shape": list(den.img_shape), "label_dim": den.label_dim, "data": data, "teacher": teacher.source}
 
 
-def generator_sampler(gen: OneStepGenerator, steps: int, class_label: int | None, device) -> Callable:
+def generator_sampler(gen: OneStepGenerator, steps: int | None, class_label: int | None, device) -> Callable:
     gen = gen.to(device)
 
     def fn(seeds):
@@ -295,7 +294,7 @@ def sample_command(
     seeds: list[int],
     out_dir: Path,
     batch: int,
-    steps: int,
+    steps: int | None,
     fmt: str,
     class_label: int | None,
     use_ema: bool,
@@ -321,7 +320,9 @@ def sample_command(
                 "label_dim": gen.label_dim,
                 "data": cfg.get("data", {}),
                 "generator": str(source),
-                "steps": steps,
+                "steps": steps or gen.steps,
+                "levels": gen.sampling_levels(steps),
+                "sampler": gen.sampler,
                 "ema": use_ema,
             }
         with torch.no_grad():

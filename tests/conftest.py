@@ -91,3 +91,21 @@ def tiny_mixture_recipe(**overrides) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return r
+
+
+@pytest.fixture(scope="module")
+def image_setup(tmp_path_factory):
+    """A small class-conditional DDPM++ teacher (16x16) and 40 labelled images as .npz."""
+    import numpy as np
+
+    from emdctl.networks import build_denoiser, preset_config
+    from emdctl.teachers import save_pretrained_denoiser
+
+    root = tmp_path_factory.mktemp("images")
+    torch.manual_seed(0)
+    kw = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+    den = build_denoiser(preset_config("ddpmpp", "edm", (3, 16, 16), 3, kw))
+    save_pretrained_denoiser(den, root / "teacher")
+    g = np.random.default_rng(0)
+    np.savez(root / "data.npz", arr_0=g.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8), arr_1=g.integers(0, 3, 40))
+    return root

@@ -20,7 +20,7 @@ from emdctl.networks.discriminator import Discriminator, diff_augment
 from emdctl.recipe import DiscriminatorSpec, parse_recipe
 from emdctl.rng import IterationDraws
 from emdctl.storage import load_model_dir
-from emdctl.teachers import load_teacher, save_pretrained_denoiser
+from emdctl.teachers import load_teacher
 from emdctl.trainer import run_recipe
 
 from .conftest import tiny_mixture_recipe
@@ -186,19 +186,6 @@ def test_gdd_i_freezes_85_percent_of_ddpmpp():
     kinds = {n.split(".")[-2] for n in frozen}
     assert kinds == {"conv0", "conv1", "proj"}
     assert not any(n.startswith(("model.map_", "model.enc.32x32_conv", "model.dec.32x32_aux")) for n in frozen)
-
-
-@pytest.fixture(scope="module")
-def image_setup(tmp_path_factory):
-    """A small class-conditional DDPM++ teacher (16x16) and 40 labelled images as .npz."""
-    root = tmp_path_factory.mktemp("gdd")
-    torch.manual_seed(0)
-    kw = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
-    den = build_denoiser(preset_config("ddpmpp", "edm", (3, 16, 16), 3, kw))
-    save_pretrained_denoiser(den, root / "teacher")
-    g = np.random.default_rng(0)
-    np.savez(root / "data.npz", arr_0=g.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8), arr_1=g.integers(0, 3, 40))
-    return root
 
 
 def image_recipe(root, features="teacher", **kw):

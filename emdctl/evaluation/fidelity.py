@@ -147,7 +147,9 @@ def features_of_dataset(fs: FeatureSpace, ds, batch: int, n: int | None = None, 
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def features_of_generator(fs: FeatureSpace, gen, seeds: list[int], batch: int, device, steps: int = 1) -> dict:
+def features_of_generator(
+    fs: FeatureSpace, gen, seeds: list[int], batch: int, device, steps: int | None = None
+) -> dict:
     """Images made in memory exactly as `emdctl sample` makes them (same chunks, same pixels)."""
     from ..sampling import in_chunks
 
@@ -157,7 +159,7 @@ def features_of_generator(fs: FeatureSpace, gen, seeds: list[int], batch: int, d
         rng = PerSeedRandom(part, device)
         z = rng.randn(gen.img_shape)
         labels = rng.randint(gen.label_dim) if gen.label_dim else None
-        if steps > 1:
+        if len(gen.sampling_levels(steps)) > 1:
             y = torch.nn.functional.one_hot(labels, gen.label_dim).float() if labels is not None else None
             return (gen.sample(z, y, steps=steps, rng=rng) * 127.5 + 128).clamp(0, 255).to(torch.uint8), None
         return fgen(z.flatten(1), labels), None
@@ -287,7 +289,7 @@ def evaluate_command(
     seed_ranges: list[list[int]] | None,
     batch: int,
     device: str = "auto",
-    steps: int = 1,
+    steps: int | None = None,
     inception_weights: Path | None = None,
     use_ema: bool = True,
     log=print,

@@ -61,9 +61,12 @@ def mode_metrics(samples: torch.Tensor, mixture: GaussianMixture, seed: int = 0)
 
 @torch.no_grad()
 def generator_mode_metrics(gen, mixture: GaussianMixture, seeds: list[int], device=None) -> tuple[torch.Tensor, dict]:
-    """Samples of a one-step generator on `seeds` (chunks of 4096, per-seed latents) and their mode
-    metrics: what `emdctl evaluate modes` and evaluation during training both report."""
+    """Samples of a generator (its trained step count) on `seeds` (chunks of 4096, per-seed random
+    numbers) and their mode metrics: what `emdctl evaluate modes` and evaluation during training
+    both report."""
     dev = device if device is not None else next(gen.parameters()).device
-    chunks = [seeds[i : i + 4096] for i in range(0, len(seeds), 4096)]
-    x = torch.cat([gen(PerSeedRandom(c, dev).randn(gen.img_shape)).float().cpu() for c in chunks])
-    return x, mode_metrics(x, mixture)
+    parts = []
+    for i in range(0, len(seeds), 4096):
+        rng = PerSeedRandom(seeds[i : i + 4096], dev)
+        parts.append(gen.sample(rng.randn(gen.img_shape), rng=rng).float().cpu())
+    return torch.cat(parts), mode_metrics(torch.cat(parts), mixture)

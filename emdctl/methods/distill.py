@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from .. import diffusion
+from ..data import IterationLoader, open_dataset
+from ..errors import UserError
 from ..generator import OneStepGenerator, build_generator
 from ..networks import build_denoiser
 from ..networks.precond import Denoiser
@@ -114,11 +116,44 @@ class DistillationMethod(Method):
 
     def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
         draws = self.draws(iteration)
+        self.begin_iteration(draws, iteration)
         stats: dict[str, torch.Tensor] = {}
         for j in range(self.recipe.fake_score.steps_per_iteration):
             stats.update(self.fake_update(draws, j))
         stats.update(self.generator_update(draws))
         return stats
+
+    def begin_iteration(self, draws: IterationDraws, iteration: int) -> None:
+        """Inputs the iteration's updates share (Moment Matching's real batch)."""
+
+    # -- real data ---------------------------------------------------------------------------------
+    def open_real_data(self, spec) -> None:
+        """The real samples of method.data (a DataSpec), or for a mixture teacher (spec None) the mixture."""
+        self.mixture = self.teacher_info.mixture
+        self.loader = None
+        if spec is None:
+            return
+        dataset = open_dataset(spec.path, spec.format, spec.labels, spec.max_images, spec.resolution)
+        if tuple(dataset.shape()) != self.img_shape:
+            raise UserError(
+                f"method.data: {spec.path} holds {tuple(dataset.shape())} images, the teacher makes {self.img_shape}"
+            )
+        if self.label_dim and (not spec.labels or dataset.labels is None):
+            raise UserError(
+                f"method.data: the teacher is class-conditional; {spec.path} needs labels (data.labels: true)"
+            )
+        self.loader = IterationLoader(dataset, self.recipe.seed, self.batching, self.device, spec.xflip, "real/xflip")
+
+    def real_batches(self, draws: IterationDraws, iteration: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(x, labels) of this rank's micro-batches of real data: drawn from the mixture itself, or
+        the dataset's images in the order fixed by (seed, global sample number)."""
+        if self.loader is not None:
+            return [(x, one_hot(y, self.label_dim)) for x, y in self.loader.images(iteration, draws)]
+        n, out = self.batching.global_size, []
+        for rows in self.batching.micro_rows():
+            u = draws.uniform("real/component", (n,), rows)
+            out.append((self.mixture.transform(u, draws.normal("real/noise", (n, self.mixture.dim), rows)), None))
+        return out
 
     # -- sampling helpers --------------------------------------------------------------------------
     def draw_sigma(self, draws: IterationDraws, stream: str, levels, rows: slice) -> torch.Tensor:
@@ -234,7 +269,7 @@ class DistillationMethod(Method):
         rng = PerSeedRandom(seeds, self.device)
         z = rng.randn(self.img_shape)
         labels = one_hot(rng.randint(self.label_dim), self.label_dim) if self.label_dim else None
-        return gen(z, labels), labels
+        return gen.sample(z, labels, rng=rng), labels
 
     def preview(self, path: Path) -> None:
         from .. import plots

@@ -22,13 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IterationLoader, open_dataset
 from ..errors import UserError
 from ..networks.discriminator import Discriminator, diff_augment
 from ..networks.layers import UNetBlock
 from ..rng import IterationDraws, derive_seed
 from .base import stats_of
-from .distill import DistillationMethod, one_hot
+from .distill import DistillationMethod
 
 
 def gdd_i_frozen(module: nn.Module) -> list[str]:
@@ -72,21 +71,7 @@ class GDD(DistillationMethod):
         # Never compiled: the teacher-feature hooks stop the teacher early by raising, which does
         # not trace; the heads are small next to the generator.
         self.fake_m = self.fake
-        m = recipe.method
-        self.mixture = teacher.mixture
-        self.loader = None
-        if m.data is not None:
-            d = m.data
-            dataset = open_dataset(d.path, d.format, d.labels, d.max_images, d.resolution)
-            if tuple(dataset.shape()) != self.img_shape:
-                raise UserError(
-                    f"method.data: {d.path} holds {tuple(dataset.shape())} images, the teacher makes {self.img_shape}"
-                )
-            if self.label_dim and (not d.labels or dataset.labels is None):
-                raise UserError(
-                    f"method.data: the teacher is class-conditional; {d.path} needs labels (data.labels: true)"
-                )
-            self.loader = IterationLoader(dataset, recipe.seed, self.batching, self.device, d.xflip, "real/xflip")
+        self.open_real_data(recipe.method.data)
         self._real_labels: dict[int, torch.Tensor | None] = {}
 
     # -- networks ------------------------------------------------------------------------------------
@@ -108,18 +93,6 @@ class GDD(DistillationMethod):
         for name, p in generator.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
-
-    # -- real data -------------------------------------------------------------------------------------
-    def real_batches(self, draws: IterationDraws, iteration: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(x, labels) of this rank's micro-batches of real data: drawn from the mixture itself, or
-        the dataset's images in the order fixed by (seed, global sample number)."""
-        if self.loader is not None:
-            return [(x, one_hot(y, self.label_dim)) for x, y in self.loader.images(iteration, draws)]
-        n, out = self.batching.global_size, []
-        for rows in self.batching.micro_rows():
-            u = draws.uniform("real/component", (n,), rows)
-            out.append((self.mixture.transform(u, draws.normal("real/noise", (n, self.mixture.dim), rows)), None))
-        return out
 
     # -- training ------------------------------------------------------------------------------------------
     def train_step(self, iteration: int) -> dict[str, torch.Tensor]:

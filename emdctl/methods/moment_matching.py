@@ -1,60 +1,100 @@
-"""Moment Matching (Salimans et al. 2024, arXiv 2406.04103), alternating variant, one step.
+"""Moment Matching (Salimans et al. 2024, arXiv 2406.04103), alternating variant, 1 to 8 steps.
 
-The student x~ = g(z) maps z_t = sigma* z (its input, noise level t = sigma*) to a clean image.
-Moment matching re-noises x~ with the forward process's posterior, z_s ~ q(z_s | z_t, x~) for
-s < t, and asks that the student's first moment there equal the teacher's:
-E_g[x~ | z_s] = D_teacher(z_s). The auxiliary denoiser g_phi (the shared "fake" network,
-initialized from the teacher) is trained on
+The student samples ancestrally: from z_t at one of its levels t it predicts x~ = g(z_t; t) and
+moves to the next level by z_s ~ q(z_s | z_t, x~) (a one-step student maps z_t = sigma* z at
+t = sigma* straight to its sample). Moment matching asks that the student's first moment at every
+s below a step's level equal the teacher's: E_g[x~ | z_s] = D_teacher(z_s). Training draws s,
+takes the step t above it (the smallest level >= s; recipe.MomentMatchingMethod says where z_t
+comes from) and re-noises the student's x~ to z_s. The auxiliary denoiser g_phi (the shared
+"fake" network, initialized from the teacher) is trained on
     w(s) [ ||x~ - g_phi(z_s)||^2 + ||D_teacher(z_s) - g_phi(z_s)||^2 ],
 whose optimum is the average of the two moments, so g_phi - D_teacher is half the mismatch. The
 generator loss w(s) x~^T sg(g_phi(z_s) - D_teacher(z_s)) is the shared regression with the
 direction d = (D_teacher - g_phi)(z_s) / s^2 (score units, as Diff-Instruct's, so the same
-weightings apply: 'sigma2' moves x~ by D_teacher - g_phi).
+weightings apply: 'sigma2' moves x~ by D_teacher - g_phi). Only the last step is differentiated:
+the states before it are inputs, as in the paper.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..diffusion import posterior_sample
+from ..generator import sampler_states
 from ..rng import IterationDraws
 from .distill import DistillationMethod
-
-
-def posterior_sample(x: torch.Tensor, z_t: torch.Tensor, sigma_t: float, sigma_s: torch.Tensor, noise: torch.Tensor):
-    """z_s ~ q(z_s | z_t, x) of the variance-exploding forward process z = x + sigma n, for s <= t:
-    mean x + (s^2 / t^2)(z_t - x), variance s^2 (1 - s^2 / t^2)."""
-    s = sigma_s.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-    r = s.square() / sigma_t**2
-    return x + r * (z_t - x) + s * (1 - r).clamp_min(0).sqrt() * noise
 
 
 class MomentMatching(DistillationMethod):
     name = "moment-matching"
 
-    def _re_noised(self, draws: IterationDraws, prefix: str, levels, rows: slice):
-        """(z, labels, s, noise) of one micro-batch: the student's input and a level s <= t."""
-        sigma, labels, z, noise = self.draw_inputs(draws, prefix, levels, rows)
-        # The recipe keeps sigma_max <= sigma*; a discrete teacher's grid can round just above it.
-        return z, labels, sigma.clamp_max(self.generator.sigma_star), noise
+    def __init__(self, recipe, teacher, dist):
+        super().__init__(recipe, teacher, dist)
+        m = recipe.method
+        self.data_inputs = m.z_t == "data"
+        if self.data_inputs:
+            self.open_real_data(m.data)
+        self._reals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def _z_s(self, x0: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        t = self.generator.sigma_star
-        return posterior_sample(x0, t * z, t, sigma, noise)
+    def configure_generator(self, generator) -> None:
+        m = self.recipe.method
+        if m.steps > 1:
+            generator.set_sampler(m.student_levels(generator.sigma_star), "ancestral")
+
+    def begin_iteration(self, draws: IterationDraws, iteration: int) -> None:
+        if self.data_inputs:  # one real batch per iteration, shared by the auxiliary and generator steps
+            reals = self.real_batches(draws, iteration)
+            self._reals = {rows.start: xy for rows, xy in zip(self.batching.micro_rows(), reals, strict=True)}
+
+    def _step_inputs(self, draws: IterationDraws, prefix: str, s, z, labels, rows: slice):
+        """(t, z_t, labels) of the student step above each s: t the smallest level >= s, z_t its input."""
+        gen = self.generator
+        grid = torch.tensor(gen.levels, device=s.device, dtype=s.dtype)  # decreasing
+        step = (grid >= s[:, None]).sum(1) - 1
+        t = grid[step]
+        shape = self.global_shape()
+        with torch.no_grad():
+            if self.data_inputs:
+                x, labels = self._reals[rows.start]
+                b = t.reshape(-1, *([1] * len(self.img_shape)))
+                diffused = x + b * draws.normal(f"{prefix}/data-noise", shape, rows)
+                top = (step == 0).reshape_as(t).reshape(-1, *([1] * len(self.img_shape)))
+                return t, torch.where(top, gen.sigma_star * z, diffused), labels
+            deepest = int(step.max())
+            noises = [draws.normal(f"{prefix}/chain{i}", shape, rows) for i in range(1, deepest + 1)]
+            states = sampler_states(
+                lambda z_t, sigma, y: self.gen_fn(z_t, y, sigma=sigma), z, labels, gen.levels[: deepest + 1], noises,
+                "ancestral",
+            )  # fmt: skip
+            return t, torch.stack(states)[step, torch.arange(len(step), device=step.device)], labels
+
+    def student_sample(self, forward, draws: IterationDraws, prefix: str, levels, rows: slice):
+        """(x~ = forward(...) at the student step, z_s, s, labels) of one micro-batch."""
+        s, labels, z, noise = self.draw_inputs(draws, prefix, levels, rows)
+        gen = self.generator
+        # The recipe keeps sigma_max <= sigma*; a discrete teacher's grid can round just above it.
+        s = s.clamp_max(gen.sigma_star)
+        if gen.steps == 1:  # the one-step student's input is unit noise at sigma*
+            t = gen.sigma_star
+            x0 = forward(z, labels)
+            z_t = t * z
+        else:
+            t, z_t, labels = self._step_inputs(draws, prefix, s, z, labels, rows)
+            x0 = forward(z_t, labels, sigma=t)
+        return x0, posterior_sample(x0.detach(), z_t, t, s, noise), s, labels
 
     def fake_batch(self, draws: IterationDraws, j: int, rows: slice):
         """The auxiliary denoiser's step: at z_s, regress onto both the student's sample and the
         teacher's denoised estimate (the loss of the module docstring)."""
-        z, labels, sigma, noise = self._re_noised(draws, f"mm-aux{j}", self.recipe.fake_score.noise_levels, rows)
         with torch.no_grad():
-            x0 = self.gen_fn(z, labels)
-            z_s = self._z_s(x0, z, sigma, noise)
-            d_t = self.teacher_fn(z_s, sigma, labels)
-        return z_s, sigma, labels, x0, (x0, d_t)
+            levels = self.recipe.fake_score.noise_levels
+            x0, z_s, s, labels = self.student_sample(self.gen_fn, draws, f"mm-aux{j}", levels, rows)
+            d_t = self.teacher_fn(z_s, s, labels)
+        return z_s, s, labels, x0, (x0, d_t)
 
     def generator_direction(self, draws, rows: slice):
-        z, labels, sigma, noise = self._re_noised(draws, "gen", self.recipe.method.noise_levels, rows)
-        x0 = self.generator_m(z, labels)
-        z_s = self._z_s(x0.detach(), z, sigma, noise)
+        levels = self.recipe.method.noise_levels
+        x0, z_s, sigma, labels = self.student_sample(self.generator_m, draws, "gen", levels, rows)
         with torch.no_grad():
             d_t = self.teacher_fn(z_s, sigma, labels)
             d_aux = self.fake_fn(z_s, sigma, labels)
