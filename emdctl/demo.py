@@ -114,6 +114,7 @@ def demo_mixture(
                 "mode_recall",
                 "modes_covered",
                 "off_mode_fraction",
+                "mode_spread",
                 "sliced_wasserstein",
                 "mode_mass",
             )

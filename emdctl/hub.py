@@ -47,10 +47,16 @@ def cached_path_for(url: str) -> Path:
     return cache_dir() / name
 
 
+def _matches(actual: str, expected: str | None) -> bool:
+    """A full sha256, or a prefix of one (torchvision's and timm's file names carry the first 8 hex
+    digits, e.g. efficientnet_b0_rwightman-7f5810bc.pth)."""
+    return not expected or actual.startswith(expected.lower())
+
+
 def _verify(path: Path, expected: str | None) -> None:
     actual = sha256_file(path)
     record = path.with_name(path.name + ".sha256")
-    if expected and actual != expected.lower():
+    if not _matches(actual, expected):
         raise UserError(
             f"{path}: sha256 {actual} does not match the expected {expected}; delete the file to download it again"
         )
@@ -65,7 +71,8 @@ def _verify(path: Path, expected: str | None) -> None:
 
 
 def fetch(url: str, sha256: str | None = None, what: str = "file") -> Path:
-    """Return the local path of `url`, downloading it into the cache on first use."""
+    """Return the local path of `url`, downloading it into the cache on first use. `sha256` is the
+    expected digest or a prefix of it."""
     path = cached_path_for(url)
     if path.is_file():
         _verify(path, sha256)
@@ -82,7 +89,7 @@ def fetch(url: str, sha256: str | None = None, what: str = "file") -> Path:
             while block := resp.read(1 << 20):
                 digest.update(block)
                 out.write(block)
-            if sha256 and digest.hexdigest() != sha256.lower():
+            if not _matches(digest.hexdigest(), sha256):
                 raise UserError(f"{url}: downloaded file has sha256 {digest.hexdigest()}, expected {sha256}")
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise UserError(f"cannot download the {what} ({e.__class__.__name__}: {e}): {hint}") from None

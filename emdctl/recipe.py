@@ -299,10 +299,16 @@ class DiscriminatorSpec(Strict):
     heads on the image at full, 1/2 and 1/4 resolution); 'teacher' puts one conv head on the output of
     each resolution of the frozen teacher U-Net's encoder, run on the clean image at
     feature_sigma (offline stand-in for GDD's pretrained classifiers; the teacher is not distilled
-    from, only read as a feature extractor). Heads are conditioned by projection on class labels."""
+    from, only read as a feature extractor); 'efficientnet' puts them on torchvision's ImageNet
+    EfficientNet-B0 at strides 4-32 behind Projected GAN's fixed random mixing, the image resized to
+    feature_resolution (GDD: 224), with feature_weights (a torchvision state dict) or, when null,
+    torchvision's ImageNet-1k weights downloaded once into the cache. Heads are conditioned by
+    projection on class labels."""
 
-    features: Literal["input", "teacher"] = "input"
+    features: Literal["input", "teacher", "efficientnet"] = "input"
     feature_sigma: PositiveFloat = 0.05
+    feature_resolution: Annotated[int, Field(ge=32, multiple_of=32)] = 224
+    feature_weights: Path | None = None
     channels: PositiveInt = 64
     hidden: PositiveInt = 256  # vector data: MLP width
     layers: PositiveInt = 3  # vector data: MLP hidden layers

@@ -318,18 +318,19 @@ def test_paired_comparison_against_brute_force():
 
 
 def test_mode_metrics_on_constructed_samples():
-    """Samples placed by hand: per-mode mass, TV, off-mode fraction and recall are known exactly."""
+    """Samples placed by hand: per-mode mass, TV, off-mode fraction, spread and recall are known exactly."""
     mix = GaussianMixture(**preset_mixture("ring8-unequal"))
     g = fresh()
     counts = torch.randint(0, 400, (8,), generator=g)
     counts[3] = 0  # an empty mode: recall 7/8
     far = int(counts.sum()) // 10  # samples at 6 scales from a mean: off-mode, but assigned to it
-    pts, owner = [], []
+    pts, owner, radii = [], [], []
     for k, c in enumerate(counts.tolist()):
         r = 0.5 * mix.scales[k] * torch.rand(c, 1, generator=g, dtype=torch.float64)  # within 0.5 scale
         a = 2 * math.pi * torch.rand(c, 1, generator=g, dtype=torch.float64)
         pts.append(mix.means[k] + r * torch.cat([a.cos(), a.sin()], 1))
         owner += [k] * c
+        radii.append(r[:, 0] / mix.scales[k])
     pts.append(mix.means[0] + 6 * mix.scales[0] * torch.tensor([[0.0, 1.0]], dtype=torch.float64).expand(far, 2))
     owner += [0] * far
     pts.append(torch.full((5, 2), float("nan"), dtype=torch.float64))
@@ -342,8 +343,38 @@ def test_mode_metrics_on_constructed_samples():
     tv = 0.5 * float((mass - mix.weights).abs().sum()) + 0.5 * 5 / n  # the non-finite samples are mass nowhere
     assert m["tv_distance"] == pytest.approx(tv, abs=1e-12)
     assert m["off_mode_fraction"] == pytest.approx(far / n)
+    rms = float(torch.cat(radii).square().mean().div(2).sqrt())  # the far samples are not inliers
+    assert m["mode_spread"] == pytest.approx(rms / math.sqrt((1 - 9 * math.exp(-8)) / (1 - math.exp(-8))), rel=1e-9)
     expected_recall = float((counts.double() >= 0.1 * mix.weights * n).double().mean())
     assert m["mode_recall"] == pytest.approx(expected_recall)
+
+
+def test_mode_spread_against_exact_samples_and_shrunk_copies():
+    """Exact mixture samples have spread 1 (within 4 standard errors); the same samples pulled
+    towards their means by a factor c have spread exactly c times theirs; the closed-form
+    E[r^2 | r <= 4] equals the 2-D formula and a Monte Carlo estimate in 5-D."""
+    from emdctl.evaluation.mixture import exact_inlier_rms
+
+    g = fresh()
+    e = math.exp(-8.0)
+    assert exact_inlier_rms(2) == pytest.approx(math.sqrt((1 - 9 * e) / (1 - e)), rel=1e-12)  # (2 - 18e)/(1 - e) / 2
+    r2 = torch.randn(400_000, 5, generator=g, dtype=torch.float64).square().sum(1)
+    mc = float((r2[r2 <= 16].mean() / 5).sqrt())
+    assert exact_inlier_rms(5) == pytest.approx(mc, rel=3e-3)
+    mix = GaussianMixture(**preset_mixture("ring8-unequal"))
+    n = 200_000
+    x = mix.sample(n, g)
+    spread = mode_metrics(x, mix)["mode_spread"]
+    assert abs(spread - 1) < 4 * 0.5 / math.sqrt(n)  # r^2 ~ chi-square(2): the rms has relative sd 1/(2 sqrt(n))
+    # Shrinking towards the assigned mean keeps each sample's component (the log-posterior ratio is
+    # linear along the segment) and its inlier status, so on inliers the ratio is exactly c.
+    c = 0.3 + 0.6 * float(torch.rand((), generator=g))
+    x = x[:20000]
+    mu = mix.means[mix.responsibilities(x).argmax(1)]
+    x = x[(x - mu).norm(dim=1) <= 4 * mix.scales[0]]
+    mu = mix.means[mix.responsibilities(x).argmax(1)]
+    ratio = mode_metrics(mu + c * (x - mu), mix)["mode_spread"] / mode_metrics(x, mix)["mode_spread"]
+    assert ratio == pytest.approx(c, rel=1e-9)
 
 
 def test_sliced_wasserstein_against_exact_references():

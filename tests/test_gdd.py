@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from emdctl.checkpoint import CheckpointManager
 from emdctl.distributed import DistContext
@@ -188,7 +189,7 @@ def test_gdd_i_freezes_85_percent_of_ddpmpp():
     assert not any(n.startswith(("model.map_", "model.enc.32x32_conv", "model.dec.32x32_aux")) for n in frozen)
 
 
-def image_recipe(root, features="teacher", **kw):
+def image_recipe(root, features="teacher", discriminator=None, **kw):
     r = {
         "kind": "distill",
         "name": "g",
@@ -198,7 +199,12 @@ def image_recipe(root, features="teacher", **kw):
         "method": {
             "name": "gdd",
             "data": {"path": str(root / "data.npz"), "labels": True, "xflip": True},
-            "discriminator": {"features": features, "channels": 8, "augment": ["color", "translation", "cutout"]},
+            "discriminator": {
+                "features": features,
+                "channels": 8,
+                "augment": ["color", "translation", "cutout"],
+                **(discriminator or {}),
+            },
             "freeze": "gdd-i",
             "r1_every": 2,
         },
@@ -212,16 +218,146 @@ def image_recipe(root, features="teacher", **kw):
     return parse_recipe(r, "gdd.yaml")
 
 
-@pytest.mark.parametrize("features", ["input", "teacher"])
-def test_images_resume_bit_for_bit_and_gdd_i_keeps_frozen_weights(image_setup, tmp_path, features):
-    run_recipe(image_recipe(image_setup, features), run_dir=tmp_path / "full")
-    run_recipe(image_recipe(image_setup, features, duration=16), run_dir=tmp_path / "split")
-    run_recipe(image_recipe(image_setup, features), run_dir=tmp_path / "split", resume=True)
+@pytest.fixture(scope="module")
+def effnet_weights(tmp_path_factory):
+    """A randomly initialized torchvision EfficientNet-B0 with random BatchNorm statistics, saved as
+    torchvision saves its weights (no download: the ImageNet weights are not needed to test the
+    plumbing)."""
+    from torchvision.models import efficientnet_b0
+
+    torch.manual_seed(1)
+    net = efficientnet_b0()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("effnet") / "efficientnet_b0.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def effnet_spec(path, resolution=64, channels=8):
+    return DiscriminatorSpec(
+        features="efficientnet", feature_resolution=resolution, feature_weights=path, channels=channels
+    )
+
+
+def test_efficientnet_features_against_float64_written_out(effnet_weights):
+    """The feature maps equal a float64 computation written out from the spec: [-1, 1] -> ImageNet
+    normalization -> bilinear resize -> torchvision's trunk split after features[2], [3], [5], [7]
+    -> 1x1 channel mixing -> top-down (add, upsample x2, 1x1) scale mixing; grayscale = gray RGB."""
+    from torchvision.models import efficientnet_b0
+
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    disc = Discriminator(effnet_spec(effnet_weights), (3, 16, 16), 0)
+    feats = disc.features
+    ref_net = efficientnet_b0()
+    ref_net.load_state_dict(torch.load(effnet_weights, weights_only=True))
+    ref_net = ref_net.double().eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        got = feats(x)
+        mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).reshape(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).reshape(1, 3, 1, 1)
+        h = F.interpolate(((x.double() + 1) / 2 - mean) / std, size=(64, 64), mode="bilinear", align_corners=False)
+        stages = []
+        for i in range(8):
+            h = ref_net.features[i](h)
+            if i in (2, 3, 5, 7):
+                stages.append(h)
+        assert [t.shape[1] for t in stages] == [24, 40, 112, 320]
+        assert [t.shape[-1] for t in stages] == [16, 8, 4, 2]  # strides 4..32 of 64
+
+        def conv1x1(conv, t):
+            return F.conv2d(t, conv.weight.double(), conv.bias.double())
+
+        def up(t):
+            return F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
+
+        mixed = [conv1x1(feats.mix[i], stages[i]) for i in range(4)]
+        want = [None] * 4
+        want[3] = conv1x1(feats.fuse[3].conv, up(mixed[3]))
+        for i in (2, 1, 0):
+            want[i] = conv1x1(feats.fuse[i].conv, up(want[i + 1] + mixed[i]))
+    assert [t.shape[1:] for t in got] == [(8, 32, 32), (8, 16, 16), (16, 8, 8), (32, 4, 4)]
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+    gray = torch.rand(2, 1, 16, 16) * 2 - 1
+    torch.manual_seed(seed)  # the same random mixing convs
+    disc1 = Discriminator(effnet_spec(effnet_weights), (1, 16, 16), 0)
+    with torch.no_grad():
+        for a, b in zip(disc1.features(gray), feats(gray.expand(-1, 3, -1, -1)), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_efficientnet_trunk_stays_frozen_with_imagenet_statistics(effnet_weights):
+    """In training mode only the heads learn: the trunk and the mixing convs get no gradients and
+    BatchNorm keeps its statistics; the input gradient (the generator's signal, R1) flows."""
+    torch.manual_seed(fresh_seed())
+    disc = Discriminator(effnet_spec(effnet_weights), (3, 16, 16), 3).train()
+    before = {k: v.clone() for k, v in disc.features.state_dict().items()}
+    x = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    labels = torch.eye(3)[torch.tensor([0, 1, 2, 0])]
+    logits = disc(x, labels)
+    pen = r1_penalty(logits, x)
+    (generator_loss(logits, "non-saturating").sum() + pen.sum()).backward()
+    assert torch.isfinite(pen).all() and (pen > 0).all()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in disc.features.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.heads.parameters())
+    for k, v in disc.features.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(p.requires_grad for p in disc.features.parameters())
+
+
+def test_efficientnet_weights_errors(effnet_weights, image_setup, tmp_path):
+    from emdctl import hub
+    from emdctl.networks.discriminator import EFFICIENTNET_B0_URL
+
+    with pytest.raises(UserError) as e:  # offline (conftest), nothing cached: what to fetch, where to put it
+        Discriminator(DiscriminatorSpec(features="efficientnet", feature_resolution=32), (3, 16, 16), 0)
+    cached = hub.cached_path_for(EFFICIENTNET_B0_URL)
+    assert EFFICIENTNET_B0_URL in e.value.message and str(cached) in e.value.message
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(effnet_weights.read_bytes())  # not the real file: its sha256 lacks the name's prefix
+    with pytest.raises(UserError, match="does not match the expected 7f5810bc"):
+        Discriminator(DiscriminatorSpec(features="efficientnet", feature_resolution=32), (3, 16, 16), 0)
+    cached.unlink()
+    with pytest.raises(UserError, match=r"feature_weights: .* does not exist"):
+        Discriminator(effnet_spec(tmp_path / "missing.pth"), (3, 16, 16), 0)
+    torch.save({"features.0.0.weight": torch.zeros(3, 3, 3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="not torchvision's EfficientNet-B0"):
+        Discriminator(effnet_spec(tmp_path / "other.pth"), (3, 16, 16), 0)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable state dict"):
+        Discriminator(effnet_spec(tmp_path / "junk.pth"), (3, 16, 16), 0)
+    with pytest.raises(UserError, match="1- or 3-channel"):
+        Discriminator(effnet_spec(effnet_weights), (4, 16, 16), 0)
+    with pytest.raises(UserError, match=r"method\.discriminator\.feature_resolution: .*multiple of 32"):
+        image_recipe(image_setup, "efficientnet", {"feature_resolution": 48})
+
+
+@pytest.mark.parametrize("features", ["input", "teacher", "efficientnet"])
+def test_images_resume_bit_for_bit_and_gdd_i_keeps_frozen_weights(image_setup, tmp_path, features, request):
+    disc = {}
+    if features == "efficientnet":
+        disc = {"feature_resolution": 32, "feature_weights": str(request.getfixturevalue("effnet_weights"))}
+    run_recipe(image_recipe(image_setup, features, disc), run_dir=tmp_path / "full")
+    run_recipe(image_recipe(image_setup, features, disc, duration=16), run_dir=tmp_path / "split")
+    run_recipe(image_recipe(image_setup, features, disc), run_dir=tmp_path / "split", resume=True)
     a, _ = CheckpointManager(tmp_path / "full").load()
     b, _ = CheckpointManager(tmp_path / "split").load()
     assert a.keys() == b.keys() and any(k.startswith("net.discriminator.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if features == "efficientnet":  # the trunk is still the given weights
+        given = torch.load(request.getfixturevalue("effnet_weights"), weights_only=True)
+        trunk = {k.removeprefix("net.discriminator.features.trunk."): v for k, v in a.items()
+                 if k.startswith("net.discriminator.features.trunk.")}  # fmt: skip
+        assert trunk and all(torch.equal(v, given[f"features.{k}"]) for k, v in trunk.items())
     # GDD-I: the frozen 3x3 convs and attention projections are still the teacher's; the rest moved
     _, teacher = load_model_dir(image_setup / "teacher", expect_kind="denoiser")
     _, gen = load_model_dir(tmp_path / "full" / "generator", expect_kind="generator")

@@ -138,7 +138,8 @@ def modes_and_report(
     for src in results:
         table.add_column(str(src), justify="right")
     first = next(iter(results.values()))
-    for key in ("tv_distance", "mode_recall", "modes_covered", "off_mode_fraction", "sliced_wasserstein"):
+    keys = ("tv_distance", "mode_recall", "modes_covered", "off_mode_fraction", "mode_spread", "sliced_wasserstein")
+    for key in keys:
         table.add_row(key, *[f"{r[key]:.4g}" for r in results.values()])
     table.add_row("true weights", *[" ".join(f"{w:.3f}" for w in first["true_weights"])] * len(results))
     table.add_row("mode mass", *[" ".join(f"{w:.3f}" for w in r["mode_mass"]) for r in results.values()])

@@ -1,9 +1,11 @@
 """GDD's discriminator: trainable heads on a frozen feature network (Projected-GAN style).
 
-Features are either the sample itself ('input': an MLP head for vectors; for images, one conv head
-per level of an image pyramid at full, 1/2 and 1/4 resolution) or the frozen teacher U-Net's
-encoder ('teacher': one conv head on the output of each encoder resolution, the teacher run on the
-clean image at a fixed small noise level). The forward returns one logit tensor [N, P] per head
+Features are the sample itself ('input': an MLP head for vectors; for images, one conv head per
+level of an image pyramid at full, 1/2 and 1/4 resolution), the frozen teacher U-Net's encoder
+('teacher': one conv head on the output of each encoder resolution, the teacher run on the clean
+image at a fixed small noise level), or an ImageNet classifier ('efficientnet': torchvision's
+EfficientNet-B0 at four strides with Projected GAN's fixed random channel and scale mixing, the
+feature network family GDD uses). The forward returns one logit tensor [N, P] per head
 (P = patch positions); losses average over positions and sum over heads. Class labels condition
 every head by projection (logit += <embed(y), h> / sqrt(C)).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +113,115 @@ class TeacherEncoderFeatures:
         return [out[n].float() for n in self.names]
 
 
+# torchvision's ImageNet-1k EfficientNet-B0 (top-1 77.7%); the file name carries its sha256 prefix.
+EFFICIENTNET_B0_URL = "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth"
+EFFICIENTNET_B0_SHA256 = "7f5810bc"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def efficientnet_b0_features(weights: Path | None) -> nn.Sequential:
+    """torchvision's EfficientNet-B0 trunk up to stride 32 (features[0:8], 320 channels), frozen, with
+    the weights of `weights` (a torchvision state dict: .pth read with weights_only, or .safetensors)
+    or, when None, torchvision's ImageNet-1k weights from the download cache (emdctl.hub)."""
+    from torchvision.models import efficientnet_b0
+
+    from ..hub import fetch
+
+    path = (
+        Path(weights)
+        if weights is not None
+        else fetch(EFFICIENTNET_B0_URL, EFFICIENTNET_B0_SHA256, what="EfficientNet-B0 ImageNet weights")
+    )
+    if not path.is_file():
+        raise UserError(f"method.discriminator.feature_weights: {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UserError(
+            f"{path}: not a readable state dict ({e.__class__.__name__}); give torchvision's EfficientNet-B0 weights"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state dict; give torchvision's EfficientNet-B0")
+    trunk = efficientnet_b0().features[:8]
+    wanted = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    wanted = {k: v for k, v in wanted.items() if int(k.split(".")[0]) < 8}
+    try:
+        trunk.load_state_dict(wanted, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"{path}: not torchvision's EfficientNet-B0 ({first})") from None
+    return trunk.requires_grad_(False).eval()
+
+
+class Fusion(nn.Module):
+    """Projected GAN's cross-scale mixing step: add the coarser level's map, upsample x2, 1x1 conv."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            x = x + skip
+        return self.conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+
+
+class EfficientNetFeatures(nn.Module):
+    """Frozen EfficientNet-B0 features for the discriminator heads (Projected GAN, as GDD uses).
+
+    The image (model range [-1, 1], 1 or 3 channels) is mapped to [0, 1], normalized with ImageNet's
+    statistics and resized bilinearly to `resolution` (GDD: 224); the trunk's outputs at strides 4,
+    8, 16, 32 (24, 40, 112, 320 channels: after features[2], [3], [5], [7], Projected GAN's split)
+    are mixed across channels (1x1 convs to c, 2c, 4c, 8c) and across scales (top-down Fusion),
+    giving maps of c, c, 2c, 4c channels at strides 2, 4, 8, 16. The mixing convs are random and
+    never trained (Projected GAN's fixed projections); they and the trunk are saved with the heads,
+    so a resumed run sees the same features. The module stays in eval mode: BatchNorm keeps
+    ImageNet's statistics."""
+
+    SPLITS = ((0, 3), (3, 4), (4, 6), (6, 8))
+    TRUNK_CHANNELS = (24, 40, 112, 320)
+
+    def __init__(self, resolution: int, channels: int, weights: Path | None):
+        super().__init__()
+        self.resolution = resolution
+        self.trunk = efficientnet_b0_features(weights)
+        self.mix = nn.ModuleList(nn.Conv2d(ci, channels << i, 1) for i, ci in enumerate(self.TRUNK_CHANNELS))
+        self.fuse = nn.ModuleList(
+            [Fusion(channels, channels)] + [Fusion(channels << i, channels << (i - 1)) for i in (1, 2, 3)]
+        )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        x = (x.float() + 1) / 2
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.mean) / self.std
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        stages = []
+        for a, b in self.SPLITS:
+            for i in range(a, b):
+                x = self.trunk[i](x)
+            stages.append(x)
+        mixed = [conv(h) for conv, h in zip(self.mix, stages, strict=True)]
+        out = [None] * 4
+        out[3] = self.fuse[3](mixed[3])
+        for i in (2, 1, 0):
+            out[i] = self.fuse[i](out[i + 1], mixed[i])
+        return out
+
+
 def _pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
     out = [x]
     for _ in range(levels - 1):
@@ -170,6 +282,13 @@ class Discriminator(nn.Module):
         if spec.features == "input":
             self.levels = max(1, min(3, int(math.log2(r)) - 2))  # 1/4 resolution at most, never below 4x4
             shapes = [(c, r >> i) for i in range(self.levels)]
+        elif spec.features == "efficientnet":
+            if c not in (1, 3):
+                raise UserError(f"method.discriminator.features: 'efficientnet' reads 1- or 3-channel images, not {c}")
+            self.features = EfficientNetFeatures(spec.feature_resolution, spec.channels, spec.feature_weights)
+            res = spec.feature_resolution
+            ch = spec.channels
+            shapes = [(ch, res // 2), (ch, res // 4), (2 * ch, res // 8), (4 * ch, res // 16)]
         else:
             self.features = TeacherEncoderFeatures(teacher, spec.feature_sigma)
             with torch.no_grad():
