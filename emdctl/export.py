@@ -127,10 +127,14 @@ def export_command(source: Path, fmt: str, out: Path, use_ema: bool = True) -> d
         "levels": gen.levels,
         "sampler": gen.sampler,
         "data": data,
+        "teacher": cfg.get("teacher") or {},
         "output": "uint8 NCHW in [0, 255]" if is_image else "float32 [B, D]",
     }
     if fmt == "safetensors":
-        gen.save_pretrained(out, data, {"exported_from": str(source), "ema": use_ema})
+        # The teacher's description travels with the weights, as in the run's own generator/:
+        # provenance, and what `emdctl evaluate modes` needs to find a mixture's true modes.
+        provenance = {k: cfg[k] for k in ("teacher", "method") if cfg.get(k)}
+        gen.save_pretrained(out, data, {**provenance, "exported_from": str(source), "ema": use_ema})
         return {"path": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     portable = PortableGenerator(gen, is_image).eval()

@@ -128,6 +128,17 @@ def test_distill_sample_export_evaluate_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     assert "tv_distance" in res.stdout and (tmp_path / "modes.png").is_file()
 
+    # An export (EMA or raw weights, from the run's generator/ or its checkpoints) keeps the teacher's
+    # description, so the exported model is evaluated against the same mixture as the run.
+    run_teacher = json.loads((run / "generator" / "config.json").read_text())["teacher"]
+    res = invoke(["export", str(run), "--format", "safetensors", "--no-ema", "--out", str(tmp_path / "raw")])
+    assert res.exit_code == 0, res.output
+    for exported in ("exp", "raw"):
+        cfg = json.loads((tmp_path / exported / "config.json").read_text())
+        assert cfg["teacher"]["mixture"] == run_teacher["mixture"], exported
+        res = invoke(["evaluate", "modes", str(tmp_path / exported), "--n", "500"])
+        assert res.exit_code == 0 and "tv_distance" in res.stdout, res.output
+
 
 def test_sample_argument_errors(tmp_path):
     res = invoke(["sample", str(tmp_path / "nothing"), "--n", "4"])
