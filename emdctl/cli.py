@@ -359,11 +359,12 @@ def evaluate_modes(
         Path | None, typer.Option(help="Write a scatter plot per source here (PNG, one per source).")
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    ema: Annotated[bool, typer.Option(help="Use a run's EMA weights (--no-ema: the raw generator).")] = True,
 ):
     """Per-mode mass, its total variation to the true weights, mode recall and sliced Wasserstein (mixtures)."""
     from .evaluation.report import modes_and_report
 
-    modes_and_report(sources, _seeds(seeds, n), plot, json_out, out)
+    modes_and_report(sources, _seeds(seeds, n), plot, json_out, out, use_ema=ema)
 
 
 @evaluate_app.command("stats")

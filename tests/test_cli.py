@@ -136,8 +136,18 @@ def test_distill_sample_export_evaluate_end_to_end(tmp_path):
     for exported in ("exp", "raw"):
         cfg = json.loads((tmp_path / exported / "config.json").read_text())
         assert cfg["teacher"]["mixture"] == run_teacher["mixture"], exported
-        res = invoke(["evaluate", "modes", str(tmp_path / exported), "--n", "500"])
+        res = invoke(
+            ["evaluate", "modes", str(tmp_path / exported), "--n", "500", "--json", str(tmp_path / f"{exported}.json")]
+        )
         assert res.exit_code == 0 and "tv_distance" in res.stdout, res.output
+    # `evaluate modes RUN --no-ema` is the raw generator: the same numbers as its export, recorded as such.
+    res = invoke(["evaluate", "modes", str(run), "--n", "500", "--no-ema", "--json", str(tmp_path / "run-raw.json")])
+    assert res.exit_code == 0, res.output
+    by_run = json.loads((tmp_path / "run-raw.json").read_text())[str(run)]
+    by_export = json.loads((tmp_path / "raw.json").read_text())[str(tmp_path / "raw")]
+    assert by_run == by_export and by_run != json.loads((tmp_path / "exp.json").read_text())[str(tmp_path / "exp")]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "evaluation" and records[-1]["ema"] is False
 
 
 def test_sample_argument_errors(tmp_path):

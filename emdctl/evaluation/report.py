@@ -99,6 +99,7 @@ def evaluate_and_report(
         {
             "feature_space": res["feature_space"],
             "features_ident": res["features_ident"],
+            "ema": ema,
             **{f"eval/{names.get(k, k)}": v["min"] for k, v in res["summary"].items()},
         },
     )
@@ -108,14 +109,19 @@ def evaluate_and_report(
 
 
 def modes_and_report(
-    sources: list[Path], seeds: list[int], plot: Path | None, json_out: Path | None, console: Console
+    sources: list[Path],
+    seeds: list[int],
+    plot: Path | None,
+    json_out: Path | None,
+    console: Console,
+    use_ema: bool = True,
 ) -> dict:
     from ..sampling import open_generator
     from ..teachers.mixture import GaussianMixture
 
     results = {}
     for src in sources:
-        gen, cfg = open_generator(src)
+        gen, cfg = open_generator(src, use_ema)
         mix_params = (cfg.get("teacher") or {}).get("mixture")
         if not mix_params:
             raise UserError(f"{src}: not distilled from an analytic mixture teacher; mode metrics need one")
@@ -132,7 +138,7 @@ def modes_and_report(
                 means=mixture.means,
                 title=title,
             )
-        record_in_run(src, {f"eval/{k}": v for k, v in m.items() if isinstance(v, int | float)})
+        record_in_run(src, {"ema": use_ema, **{f"eval/{k}": v for k, v in m.items() if isinstance(v, int | float)}})
     table = Table(title="mode metrics (exact mixture reference)")
     table.add_column("metric")
     for src in results:
