@@ -374,6 +374,7 @@ def evaluate_stats(
     n: Annotated[int, typer.Option("--n", help="Images per source.")] = 1024,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    ema: Annotated[bool, typer.Option(help="Use a run's EMA weights (--no-ema: the raw generator).")] = True,
 ):
     """Pixel statistics: brightness, contrast and the fraction of flat (degenerate) images."""
     from rich.table import Table
@@ -383,7 +384,7 @@ def evaluate_stats(
     from .storage import atomic_write_json
 
     dev = resolve_device(device)
-    stats = statistics_table({str(s): images_of(s, n, device=dev) for s in sources})
+    stats = statistics_table({str(s): images_of(s, n, device=dev, use_ema=ema) for s in sources})
     table = Table(title="pixel statistics (grey levels 0-255; flat = per-image std < 10)")
     table.add_column("statistic")
     for s in stats:

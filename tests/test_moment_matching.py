@@ -380,6 +380,21 @@ def test_few_step_images_resume_bit_for_bit(image_setup, tmp_path, z_t):
         assert torch.equal(a[k], b[k]), k
     cfg = json.loads((tmp_path / "full" / "generator" / "config.json").read_text())
     assert cfg["sampler"] == "ancestral" and len(cfg["levels"]) == 3 and cfg["levels"][0] == 80
+    if z_t == "student":  # `emdctl evaluate stats RUN [--no-ema]` reads the EMA or the raw generator
+        from typer.testing import CliRunner
+
+        from emdctl.cli import app
+        from emdctl.evaluation.stats import images_of, pixel_statistics
+
+        run = tmp_path / "full"
+        want = {ema: pixel_statistics(images_of(run, 6, use_ema=ema)) for ema in (True, False)}
+        assert want[True] != want[False]
+        for ema in (True, False):
+            out = tmp_path / f"stats-{ema}.json"
+            args = ["evaluate", "stats", str(run), "--n", "6", "--device", "cpu", "--json", str(out)]
+            res = CliRunner().invoke(app, args + ([] if ema else ["--no-ema"]))
+            assert res.exit_code == 0, res.output
+            assert json.loads(out.read_text())[str(run)] == want[ema]
 
 
 def test_distill_sample_export_a_two_step_student_end_to_end(tmp_path):
