@@ -207,7 +207,7 @@ class Trainer:
         metrics = self.method.evaluate(self.recipe.logging.eval_samples)
         self.run.append_metrics(
             {"kind": "evaluation", "images": self.images, "iteration": self.iteration, "time": time.time(),
-             **{f"eval/{k}": v for k, v in metrics.items()}}
+             "ema": True, **{f"eval/{k}": v for k, v in metrics.items()}}
         )  # fmt: skip
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("n", "nonfinite_fraction"))
         self.log(f"eval at {self.images:,} images: {shown}", progress)

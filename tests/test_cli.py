@@ -148,6 +148,7 @@ def test_distill_sample_export_evaluate_end_to_end(tmp_path):
     assert by_run == by_export and by_run != json.loads((tmp_path / "exp.json").read_text())[str(tmp_path / "exp")]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "evaluation" and records[-1]["ema"] is False
+    assert all(r["ema"] is True for r in records[:-1] if r.get("kind") == "evaluation")
 
 
 def test_sample_argument_errors(tmp_path):
