@@ -62,7 +62,9 @@ def restore_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict[str, 
         len(a["params"]) != len(b["params"]) for a, b in zip(groups, own["param_groups"], strict=True)
     ):
         raise UserError(f"checkpoint optimizer '{name}' does not match the networks of this recipe")
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    # The checkpoint gives the state (moments, step counts); the hyperparameters (lr, betas, eps, ...)
+    # stay this recipe's, so `--resume` with a changed recipe trains as that recipe says.
+    opt.load_state_dict({"state": state, "param_groups": own["param_groups"]})
 
 
 class CheckpointManager:

@@ -430,10 +430,10 @@ def demo_mixture_cmd(
 
     if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
         raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
-    every = _budget(eval_every, "--eval-every")
-    base = mixture_base(sets or [])
+    every, images = _budget(eval_every, "--eval-every"), _budget(budget)
+    base = mixture_base(sets or [], images)
     if seeds is None:
-        demo_mixture(out_dir, _budget(budget), preset, k, seed, err, base, eval_every=every)
+        demo_mixture(out_dir, images, preset, k, seed, err, base, eval_every=every)
         return
     if seed != 0:
         raise UserError("give --seed (one comparison) or --seeds (several, with paired statistics), not both")
@@ -441,7 +441,7 @@ def demo_mixture_cmd(
         seed_list = parse_seeds(seeds)
     except ValueError as e:
         raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-29 or 0,3,5)") from None
-    demo_mixture_seeds(out_dir, _budget(budget), preset, k, seed_list, err, base, eval_every=every)
+    demo_mixture_seeds(out_dir, images, preset, k, seed_list, err, base, eval_every=every)
 
 
 @demo_app.command("loop")

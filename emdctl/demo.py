@@ -53,10 +53,12 @@ _DEMO_MIXTURE_OWNS = {
 }
 
 
-def mixture_base(overrides: list[str]) -> dict:
-    """The embedded default recipe with `--set` overrides, validated before any run starts; both
-    methods' runs start from it."""
+def mixture_base(overrides: list[str], budget: int) -> dict:
+    """The embedded default recipe with `--set` overrides, validated at the demo's budget (fields
+    such as optim.decay.start are checked against it) before any run starts; both methods' runs
+    start from it."""
     base = read_yaml(DEFAULT_RECIPE_PATH)
+    base["duration"] = budget
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key in _DEMO_MIXTURE_OWNS:

@@ -348,6 +348,15 @@ class FakeScore(Strict):
     arch_overrides: dict[str, Any] = Field(default_factory=dict)
 
 
+class LRDecay(Strict):
+    """Both learning rates times a factor falling from 1 at `start` images to `final` at the end of
+    the duration (a function of images seen, so a resumed run follows the same schedule)."""
+
+    start: ImageCount
+    final: Annotated[float, Field(gt=0, le=1)] = 0.1
+    shape: Literal["cosine", "linear"] = "cosine"
+
+
 class Optim(Strict):
     lr_gen: PositiveFloat = 1e-5
     lr_fake: PositiveFloat = 1e-5
@@ -357,6 +366,7 @@ class Optim(Strict):
     weight_decay: NonNegFloat = 0.0
     grad_clip_gen: NonNegFloat = 0.0
     grad_clip_fake: NonNegFloat = 0.0
+    decay: LRDecay | None = None
 
 
 class Batch(Strict):
@@ -486,6 +496,16 @@ class DistillRecipe(_RunCommon):
             raise ValueError("method.data: gdd trains against real images; give method.data.path (the dataset)")
         if mixture and self.method.discriminator.augment:
             raise ValueError("method.discriminator.augment: augmentations are for images; remove it for a mixture")
+        return self
+
+    @model_validator(mode="after")
+    def _decay_starts_before_the_end(self):
+        d = self.optim.decay
+        if d is not None and d.start >= self.duration:
+            raise ValueError(
+                f"optim.decay.start ({d.start:,} images) must come before the end of the duration "
+                f"({self.duration:,} images); lower it or lengthen duration"
+            )
         return self
 
     @model_validator(mode="after")

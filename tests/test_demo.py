@@ -87,6 +87,14 @@ def test_demo_mixture_set_reaches_both_runs_and_bad_fields_stop_before_any_run(t
     assert (budget, preset, k, seed) == (1_000_000, "ring8-unequal", 8, 0)
     assert base["fake_score"]["steps_per_iteration"] == 5
     assert base["optim"] == emdctl.demo.read_yaml(emdctl.demo.DEFAULT_RECIPE_PATH)["optim"]  # the rest untouched
+    # fields that depend on the duration are checked against --budget, not the default recipe's 200k
+    decay = ["--set", "optim.decay.start=500k"]
+    res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--budget", "1M", *decay])
+    assert res.exit_code == 0, res.output
+    assert seen[-1][1][5]["optim"]["decay"] == {"start": "500k"}
+    res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--budget", "400k", *decay])
+    assert res.exit_code != 0 and "optim.decay.start (500,000 images) must come before" in res.output
+    seen.pop()
     # and the base reaches each method's recipe
     runs = emdctl.demo._variants(base, 640, 8)
     assert all(r["fake_score"]["steps_per_iteration"] == 5 for r in runs.values())

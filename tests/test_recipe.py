@@ -143,6 +143,12 @@ def test_noise_level_bounds(tmp_path):
     assert "sigma_min" in msg and "below sigma_max" in msg
 
 
+def test_decay_must_start_before_the_end(tmp_path):
+    msg = error_of(tmp_path, tiny_mixture_recipe(**{"optim.decay": {"start": 640}}))
+    assert msg.count("\n") == 0 and "optim.decay.start" in msg and "before the end of the duration" in msg
+    assert "final" in error_of(tmp_path, tiny_mixture_recipe(**{"optim.decay": {"start": 0, "final": 0}}))
+
+
 def test_micro_batch_must_divide(tmp_path):
     assert "must divide" in error_of(tmp_path, tiny_mixture_recipe(batch={"size": 64, "micro": 10}))
 

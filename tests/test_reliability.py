@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -37,6 +38,8 @@ def long_recipe(**kw):
             "logging.every": 640,
             "logging.grid_every": 0,
             "method.langevin.gamma_z": 0.02,
+            # the learning rates fall from 1280 images on: the kills below resume inside the decay
+            "optim.decay": {"start": 1280, "final": 0.1},
             **kw,
         }
     )
@@ -209,6 +212,46 @@ def test_resume_extends_a_finished_run(tmp_path):
     _, summary = run_recipe(longer, run_dir=tmp_path / "run", resume=True)
     assert summary["images"] == 1280
     assert list((tmp_path / "run").glob("recipe.*.yaml"))  # the previous recipe is kept
+
+
+def test_learning_rates_follow_the_decay_and_a_resumed_recipe(tmp_path):
+    from emdctl.methods.base import decay_factor
+
+    decay = {"start": 192, "final": 0.2, "shape": "cosine"}
+    r = parse_recipe(tiny_mixture_recipe(**{"optim.decay": decay, "logging.every": 64}), "r")
+    run_recipe(r, run_dir=tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {e["images"]: (e["lr/generator"], e["lr/fake"]) for e in records if "lr/generator" in e}
+    assert len(logged) == 10
+    for images, (lr_gen, lr_fake) in logged.items():
+        # the logged rate is the one the last step (which started at images - 64) used; written out:
+        u = min(max((images - 64 - 192) / (640 - 192), 0.0), 1.0)
+        f = 1.0 - 0.8 * 0.5 * (1.0 - math.cos(math.pi * u))
+        assert lr_gen == pytest.approx(1e-3 * f, rel=1e-12) and lr_fake == pytest.approx(1e-3 * f, rel=1e-12)
+    assert logged[640][0] < 0.25e-3  # it really fell
+    # resuming a finished run with a new recipe trains with the new recipe's rates (not the checkpoint's)
+    longer = parse_recipe(tiny_mixture_recipe(**{"duration": 768, "optim.lr_gen": 5e-4, "logging.every": 64}), "r")
+    run_recipe(longer, run_dir=tmp_path / "run", resume=True)
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["images"] == 768 and last["lr/generator"] == 5e-4 and last["lr/fake"] == 1e-3
+    # ... and with its other optimizer settings
+    betas = parse_recipe(tiny_mixture_recipe(**{"duration": 832, "optim.betas_gen": [0.5, 0.9]}), "r")
+    run_recipe(betas, run_dir=tmp_path / "run", resume=True)
+    groups = CheckpointManager(tmp_path / "run").load()[1]["optimizers"]["generator"]["param_groups"]
+    assert list(groups[0]["betas"]) == [0.5, 0.9]
+    # the linear shape, and fresh random points against the formula
+    gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    for _ in range(20):
+        start, final = int(torch.randint(0, 1000, (), generator=gen)), float(torch.rand((), generator=gen)) * 0.9 + 0.05
+        duration, images = start + 1000, int(torch.randint(0, 3000, (), generator=gen))
+        d = parse_recipe(
+            tiny_mixture_recipe(
+                **{"duration": duration, "optim.decay": {"start": start, "final": final, "shape": "linear"}}
+            ),
+            "r",
+        )
+        u = min(max((images - start) / 1000, 0.0), 1.0)
+        assert decay_factor(d.optim.decay, images, duration) == pytest.approx(1 - (1 - final) * u, rel=1e-12)
 
 
 def test_disk_full_leaves_no_partial_files(tmp_path, monkeypatch):

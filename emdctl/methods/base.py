@@ -67,6 +67,16 @@ def make_adam(params, lr, betas, eps, weight_decay, device) -> torch.optim.Optim
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
 
 
+def decay_factor(decay, images: int, duration: int) -> float:
+    """The learning-rate multiplier of `optim.decay` after `images` images: 1 until decay.start, then
+    a cosine (or a line) down to decay.final at `duration`."""
+    if decay is None or images <= decay.start:
+        return 1.0
+    u = min((images - decay.start) / (duration - decay.start), 1.0)
+    fall = 0.5 * (1 - math.cos(math.pi * u)) if decay.shape == "cosine" else u
+    return 1.0 - (1.0 - decay.final) * fall
+
+
 def wrap_ddp(module: nn.Module, dist: DistContext) -> nn.Module:
     if not dist.enabled:
         return module

@@ -27,7 +27,7 @@ from ..precision import apply_policy
 from ..rng import IterationDraws, PerSeedRandom
 from ..storage import load_state_strict
 from ..teachers import Teacher
-from .base import Method, make_adam, no_sync, stats_of, wrap_ddp
+from .base import Method, decay_factor, make_adam, no_sync, stats_of, wrap_ddp
 
 
 def one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor | None:
@@ -115,7 +115,15 @@ class DistillationMethod(Method):
             return {"kind": "image", "range": [-1.0, 1.0]}
         return {"kind": "vector"}
 
+    def set_learning_rates(self, iteration: int) -> None:
+        r = self.recipe
+        f = decay_factor(r.optim.decay, iteration * r.batch.size, r.duration)
+        for opt, lr in ((self.opt_gen, r.optim.lr_gen), (self.opt_fake, r.optim.lr_fake)):
+            for g in opt.param_groups:
+                g["lr"] = lr * f
+
     def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
+        self.set_learning_rates(iteration)
         draws = self.draws(iteration)
         self.begin_iteration(draws, iteration)
         stats: dict[str, torch.Tensor] = {}

@@ -96,6 +96,7 @@ class GDD(DistillationMethod):
 
     # -- training ------------------------------------------------------------------------------------------
     def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
+        self.set_learning_rates(iteration)
         draws = self.draws(iteration)
         reals = self.real_batches(draws, iteration)
         # The generator draws its class labels from the real batch's, so classes appear at data frequency.
