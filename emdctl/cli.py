@@ -423,6 +423,14 @@ def demo_mixture_cmd(
         list[str] | None,
         typer.Option("--set", help="Override a field of both runs' recipe, e.g. fake_score.steps_per_iteration=5."),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With --seeds: run this many seeds at once, one CPU thread each (the same results; "
+            "e.g. the number of cores).",
+        ),
+    ] = 1,
 ):
     """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
     from .demo import demo_mixture, demo_mixture_seeds, mixture_base
@@ -432,6 +440,8 @@ def demo_mixture_cmd(
         raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
     every, images = _budget(eval_every, "--eval-every"), _budget(budget)
     base = mixture_base(sets or [], images)
+    if seeds is None and jobs != 1:
+        raise UserError("--jobs runs several seeds at once: give --seeds too")
     if seeds is None:
         demo_mixture(out_dir, images, preset, k, seed, err, base, eval_every=every)
         return
@@ -441,7 +451,7 @@ def demo_mixture_cmd(
         seed_list = parse_seeds(seeds)
     except ValueError as e:
         raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-29 or 0,3,5)") from None
-    demo_mixture_seeds(out_dir, images, preset, k, seed_list, err, base, eval_every=every)
+    demo_mixture_seeds(out_dir, images, preset, k, seed_list, err, base, eval_every=every, jobs=jobs)
 
 
 @demo_app.command("loop")

@@ -128,6 +128,46 @@ def demo_mixture(
     return summary
 
 
+def _one_thread() -> None:
+    # Worker processes of `--jobs`: several 2-thread processes on 2 cores ran 2-20x slower here
+    # than one thread each. Results do not depend on the thread count (tests/test_demo.py).
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _demo_mixture_logged(out: Path, *args) -> dict:
+    """`demo_mixture` in a worker process, its console output in OUT/demo.log."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "demo.log", "w") as log:
+        return demo_mixture(out, args[0], args[1], args[2], args[3], Console(file=log, width=120), *args[4:])
+
+
+def _run_seeds(out: Path, budget, preset, steps, seeds, console, base, eval_every, jobs: int) -> dict:
+    if jobs == 1:
+        per_seed = {}
+        for s in seeds:
+            console.rule(f"seed {s}")
+            per_seed[s] = demo_mixture(out / f"seed-{s}", budget, preset, steps, s, console, base, eval_every)
+        return per_seed
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    console.print(f"{len(seeds)} seeds, {jobs} at a time, one thread each; each seed's log: {out}/seed-S/demo.log")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
+        futures = {
+            pool.submit(_demo_mixture_logged, out / f"seed-{s}", budget, preset, steps, s, base, eval_every): s
+            for s in seeds
+        }
+        per_seed = {}
+        for done in as_completed(futures):
+            s = futures[done]
+            per_seed[s] = done.result()
+            console.print(f"seed {s} done ({len(per_seed)} of {len(seeds)})", highlight=False)
+    return per_seed
+
+
 def demo_mixture_seeds(
     out: Path,
     budget: int,
@@ -137,20 +177,19 @@ def demo_mixture_seeds(
     console: Console,
     base: dict | None = None,
     eval_every: int = 0,
+    jobs: int = 1,
 ) -> dict:
     """`demo_mixture` once per seed (in OUT/seed-S), then the paired comparison of the two methods'
     TV distances over the seeds: a difference between methods on one seed can be seed noise; the
     paired statistics say how much of it is. With `eval_every`, the same comparison at every
-    evaluation point of training as well (trace.json, tv-over-training.png)."""
+    evaluation point of training as well (trace.json, tv-over-training.png). `jobs` > 1 runs that
+    many seeds at once in worker processes of one thread each (the same results)."""
     from .evaluation.paired import paired_comparison
     from .plots import save_paired
 
     if len(seeds) < 2:
         raise UserError(f"--seeds: a paired comparison needs at least two seeds (got {len(seeds)})")
-    per_seed = {}
-    for s in seeds:
-        console.rule(f"seed {s}")
-        per_seed[s] = demo_mixture(out / f"seed-{s}", budget, preset, steps, s, console, base, eval_every)
+    per_seed = _run_seeds(out, budget, preset, steps, seeds, console, base, eval_every, jobs)
     di = [per_seed[s]["diff-instruct"]["tv_distance"] for s in seeds]
     emd = [per_seed[s]["emd"]["tv_distance"] for s in seeds]
     paired = paired_comparison(di, emd)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from rich.console import Console
+from safetensors.torch import load_file
 
 from emdctl.demo import demo_loop, demo_mixture, demo_mixture_seeds
 from emdctl.errors import UserError
@@ -59,6 +61,18 @@ def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
     # Re-running the same command resumes: the finished runs are not trained again.
     again = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe(), eval_every=320)
     assert again["tv_distance"] == res["tv_distance"]
+    # Seeds in parallel worker processes (one thread each) give the same students, bit for bit.
+    par = tmp_path / "parallel"
+    jobs = demo_mixture_seeds(par, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe(), eval_every=320,
+                              jobs=2)  # fmt: skip
+    assert jobs["tv_distance"] == res["tv_distance"]
+    assert json.dumps(jobs["trace"]) == json.dumps(res["trace"])  # (as text: it holds NaN t values)
+    for s in (3, 5):
+        assert "scatter plots" in (par / f"seed-{s}" / "demo.log").read_text()
+        for m in ("emd", "diff-instruct"):
+            a = load_file(str(out / f"seed-{s}" / m / "generator" / "model.safetensors"))
+            b = load_file(str(par / f"seed-{s}" / m / "generator" / "model.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_demo_mixture_cli_refuses_seed_and_seeds_together():
@@ -70,6 +84,8 @@ def test_demo_mixture_cli_refuses_seed_and_seeds_together():
     assert res.exit_code != 0 and "not both" in res.output
     res = CliRunner().invoke(app, ["demo", "mixture", "--seeds", "4-1"])
     assert res.exit_code != 0 and "--seeds" in res.output
+    res = CliRunner().invoke(app, ["demo", "mixture", "--jobs", "2"])
+    assert res.exit_code != 0 and "give --seeds too" in res.output
 
 
 def test_demo_mixture_set_reaches_both_runs_and_bad_fields_stop_before_any_run(tmp_path, monkeypatch):
