@@ -129,18 +129,22 @@ def demo_mixture(
 
 
 def _one_thread() -> None:
-    # Worker processes of `--jobs`: several 2-thread processes on 2 cores ran 2-20x slower here
-    # than one thread each. Results do not depend on the thread count (tests/test_demo.py).
+    # Worker processes of `--jobs`: side-by-side processes with torch's default thread count ran
+    # several times slower on 2 cores than with one thread each (README, Performance). Results do
+    # not depend on the thread count (tests/test_demo.py).
     import torch
 
     torch.set_num_threads(1)
 
 
-def _demo_mixture_logged(out: Path, *args) -> dict:
+def _demo_mixture_logged(
+    out: Path, budget: int, preset: str, steps: int, seed: int, base: dict | None, eval_every: int
+) -> dict:
     """`demo_mixture` in a worker process, its console output in OUT/demo.log."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "demo.log", "w") as log:
-        return demo_mixture(out, args[0], args[1], args[2], args[3], Console(file=log, width=120), *args[4:])
+        console = Console(file=log, width=120)
+        return demo_mixture(out, budget, preset, steps, seed, console, base, eval_every)
 
 
 def _run_seeds(out: Path, budget, preset, steps, seeds, console, base, eval_every, jobs: int) -> dict:
