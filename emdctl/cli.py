@@ -534,6 +534,9 @@ def bench(
     iters: Annotated[int, typer.Option(help="Timed calls per measurement.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up calls (compilation happens here).")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    sections: Annotated[
+        str, typer.Option(help="Comma-separated subset of forward,backward,emd,langevin,sample.")
+    ] = "forward,backward,emd,langevin,sample",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
 ):
     """Throughput of forward, forward+backward, an EMD-K iteration, its Langevin loop and one-step
@@ -545,7 +548,19 @@ def bench(
 
     if dtype not in ("fp32", "bf16", "fp16"):
         raise UserError(f"--dtype {dtype!r}: allowed values are fp32, bf16, fp16")
-    res = run_bench(net, batch, k, device, dtype, compile, channels_last, fused, iters, warmup)
+    res = run_bench(
+        net,
+        batch,
+        k,
+        device,
+        dtype,
+        compile,
+        channels_last,
+        fused,
+        iters,
+        warmup,
+        tuple(s.strip() for s in sections.split(",") if s.strip()),
+    )
     info = res["info"]
     table = Table(
         title=f"{info['net']} ({info['parameters'] / 1e6:.1f}M params), batch {info['batch']}, "

@@ -234,7 +234,7 @@ class Langevin(Strict):
     cancel_noise: bool = True
     cancel_noise_z: bool = False
     prior_pull: bool = True
-    fused_update: Literal["off", "on"] = "off"
+    fused_update: Literal["off", "on"] = "on"  # used on CUDA with Triton when gamma_z = 0 (README "Performance")
 
 
 Weighting = Literal["sigma2", "uniform", "dmd"]

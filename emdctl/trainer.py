@@ -45,6 +45,7 @@ class Trainer:
         self.nan_skipped = 0
         self.consecutive_skips = 0
         self._stop_signal: int | None = None
+        self._images_saved: int | None = None  # images of the last checkpoint written or restored
 
     # -- state -------------------------------------------------------------------------------------
     def state_tensors_and_meta(self) -> tuple[dict, dict]:
@@ -70,9 +71,12 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         if not self.dist.is_main:
+            self._images_saved = self.images
             return None
         tensors, meta = self.state_tensors_and_meta()
-        return self.ckpt.save(tensors, meta)
+        path = self.ckpt.save(tensors, meta)
+        self._images_saved = self.images
+        return path
 
     def restore(self, path: Path | None = None) -> Path:
         tensors, meta = self.ckpt.load(path)
@@ -90,6 +94,7 @@ class Trainer:
         self.iteration = int(meta["iteration"])
         self.images = int(meta["images"])
         self.nan_skipped = int(meta.get("nan_skipped", 0))
+        self._images_saved = self.images
         return Path(source)
 
     # -- EMA ---------------------------------------------------------------------------------------
@@ -111,9 +116,17 @@ class Trainer:
         if self._stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._stop_signal = signum
-        self.console.print(
-            f"[yellow]received {signal.Signals(signum).name}: finishing this iteration, then checkpointing[/]"
-        )
+        name = signal.Signals(signum).name
+        if self.dist.world_size == 1 and self._images_saved == self.images:
+            # Nothing trained since the last checkpoint, e.g. the first iteration is still inside
+            # torch.compile (minutes on a GPU): stop now instead of after the iteration. (Single
+            # process only: with several ranks every rank must stop at the same iteration.)
+            raise TrainingStopped(
+                f"stopped by {name} at {self.images:,} images, before another iteration finished; the last "
+                "checkpoint holds all progress; re-run the same command to resume",
+                SIGNAL_EXIT.get(signum, 143),
+            )
+        self.console.print(f"[yellow]received {name}: finishing this iteration, then checkpointing[/]")
 
     def _install_signals(self):
         previous = {}

@@ -46,3 +46,10 @@ def test_bench_cli_table_and_bad_input(tmp_path):
     assert "ratio" in r.stdout and (tmp_path / "b.json").is_file()
     r = runner.invoke(app, ["bench", "--net", "gpt"])
     assert r.exit_code == 2 and "--net" in r.stderr
+
+
+def test_bench_sections_subset_and_unknown_section():
+    res = run_bench("mlp", batch=2, K=1, device_name="cpu", dtype="fp32", iters=1, warmup=0, sections=("sample",))
+    assert list(res["results"]) == ["one-step sampling"]
+    r = CliRunner().invoke(app, ["bench", "--net", "mlp", "--device", "cpu", "--sections", "forward,everything"])
+    assert r.exit_code == 2 and "--sections" in r.stderr and "everything" in r.stderr

@@ -1,7 +1,7 @@
 """The fused Langevin update (Triton) against the eager float64 reference, on fresh random inputs.
 
 Runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1), in a subprocess so that the
-interpreter setting cannot leak into other tests.
+interpreter setting cannot leak into other tests; where a CUDA device is present, also compiled for it.
 """
 
 from __future__ import annotations
@@ -17,19 +17,16 @@ pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent(
     r"""
-    import math, torch
+    import math, sys, torch
     from emdctl.kernels import fused_eps_update
 
+    dev = sys.argv[1]
     g = torch.Generator()
     g.seed()  # fresh inputs every run
     for prior_pull in (True, False):
         n, shape, gamma = 5, (3, 7, 9), 0.137
-        d_t = torch.randn(n, *shape, generator=g)
-        d_f = torch.randn(n, *shape, generator=g)
-        eps = torch.randn(n, *shape, generator=g)
-        led = torch.randn(n, *shape, generator=g)
-        sigma = torch.rand(n, generator=g) * 5 + 0.05
-        noise = torch.randn(n, *shape, generator=g)
+        d_t, d_f, eps, led, noise = (torch.randn(n, *shape, generator=g).to(dev) for _ in range(5))
+        sigma = (torch.rand(n, generator=g) * 5 + 0.05).to(dev)
         s = sigma.double().reshape(-1, 1, 1, 1)
         sdelta = (d_t.double() - d_f.double()) / s
         drift = gamma * (sdelta - eps.double())
@@ -62,9 +59,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_fused_update_matches_float64_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_available(), reason="no CUDA device"))],
+)
+def test_fused_update_matches_float64_reference(device):
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", SCRIPT, device], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "kernel ok" in res.stdout
 

@@ -121,6 +121,35 @@ def test_signal_checkpoints_then_resumes_bit_for_bit(tmp_path, reference_run, si
     assert_same_state(final_state(run), ref)
 
 
+def test_signal_during_a_stalled_first_iteration_stops_at_once(tmp_path, monkeypatch):
+    """A signal while the first iteration after a checkpoint is still running (on a GPU: inside
+    torch.compile, minutes) stops the run at once; the checkpoint on disk holds everything and the
+    re-run reaches the same final state as an uninterrupted run."""
+    from emdctl.methods.distill import DistillationMethod
+
+    r = parse_recipe(tiny_mixture_recipe(), "r")
+    run_recipe(r, run_dir=tmp_path / "reference")
+    original = DistillationMethod.train_step
+    stalled_at = []
+
+    def stalled(self, iteration):
+        if iteration == 5 and not stalled_at:  # the first iteration after the 320-image checkpoint
+            stalled_at.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # a step that would not finish in time
+        return original(self, iteration)
+
+    monkeypatch.setattr(DistillationMethod, "train_step", stalled)
+    with pytest.raises(TrainingStopped) as e:
+        run_recipe(r, run_dir=tmp_path / "run")
+    assert time.perf_counter() - stalled_at[0] < 30
+    assert e.value.exit_code == 143 and "before another iteration finished" in e.value.message
+    assert CheckpointManager(tmp_path / "run").entries()[-1]["images"] == 320
+    monkeypatch.setattr(DistillationMethod, "train_step", original)
+    run_recipe(r, run_dir=tmp_path / "run")
+    assert_same_state(final_state(tmp_path / "run"), final_state(tmp_path / "reference"))
+
+
 def _poison_from(monkeypatch, iteration):
     """Make the generator's direction NaN from the given iteration on."""
     from emdctl.methods.distill import DistillationMethod
