@@ -10,12 +10,14 @@ GPU; on a CPU it runs with tiny networks (and is tested that way).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .distributed import DistContext, resolve_device
 from .errors import UserError
 from .networks import build_denoiser, count_parameters, preset_config
@@ -137,6 +139,7 @@ def run_bench(
     iters: int = 5,
     warmup: int = 2,
     sections=SECTIONS,
+    compare_unfused: bool = False,
 ) -> dict:
     if net not in NETS:
         raise UserError(f"--net {net!r}: allowed values are {', '.join(NETS)}")
@@ -147,20 +150,21 @@ def run_bench(
     # The baseline is strict fp32 (TF32 off, as in EDM's fp32 reference); the configured variant
     # allows TF32 for whatever still runs in fp32 when it asks for a lower precision.
     base = Variant("eager fp32", "fp32", False, False, False, False)
+    fused = fused and kernels.available(device)
     conf = Variant(
         f"{dtype}{' +compile' if compile and on_gpu else ''}{' +channels_last' if channels_last else ''}"
-        f"{' +fused' if fused and on_gpu else ''}",
+        f"{' +fused' if fused else ''}",
         dtype,
         compile and on_gpu,
         channels_last and len(NETS[net][1]) == 3,
-        fused and on_gpu,
+        fused,
         dtype != "fp32",
     )
     results: dict[str, dict] = {}
 
-    def record(name, unit, per_call, fn_for):
+    def record(name, unit, per_call, fn_for, configured=conf):
         row = {"unit": unit}
-        for tag, variant in (("baseline", base), ("configured", conf)):
+        for tag, variant in (("baseline", base), ("configured", configured)):
             configure_backends(tf32=variant.tf32)
             dt, peak = _timeit(fn_for(variant), device, warmup, iters)
             row[tag] = per_call / dt
@@ -229,10 +233,17 @@ def run_bench(
         record("denoiser forward", "img/s", batch, fwd)
     if "backward" in sections:
         record("denoiser forward+backward", "img/s", batch, fwd_bwd)
+    # The fused update's own gain, in the same run: the configured variant again with it off.
+    unfused = dataclasses.replace(conf, name=conf.name.replace(" +fused", ""), fused=False)
+    compare = compare_unfused and conf.fused
     if "emd" in sections:
         record(f"EMD-{K} training iteration", "it/s", 1, emd_iteration)
+        if compare:
+            record(f"EMD-{K} training iteration, fused update off", "it/s", 1, emd_iteration, unfused)
     if "langevin" in sections:
         record(f"EMD-{K} E-step (Langevin loop) + generator forward", "it/s", 1, langevin)
+        if compare:
+            record(f"EMD-{K} E-step + generator forward, fused update off", "it/s", 1, langevin, unfused)
     if "sample" in sections:
         record("one-step sampling", "img/s", batch, sample)
     den = _denoiser(net, base, "cpu" if not on_gpu else device)

@@ -537,6 +537,9 @@ def bench(
     sections: Annotated[
         str, typer.Option(help="Comma-separated subset of forward,backward,emd,langevin,sample.")
     ] = "forward,backward,emd,langevin,sample",
+    compare_unfused: Annotated[
+        bool, typer.Option(help="Also time the EMD rows with the fused update off, in the same run (GPU).")
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
 ):
     """Throughput of forward, forward+backward, an EMD-K iteration, its Langevin loop and one-step
@@ -560,6 +563,7 @@ def bench(
         iters,
         warmup,
         tuple(s.strip() for s in sections.split(",") if s.strip()),
+        compare_unfused,
     )
     info = res["info"]
     table = Table(

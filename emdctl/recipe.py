@@ -394,7 +394,7 @@ class Precision(Strict):
     tf32: bool = False
     channels_last: bool = False
     compile: bool = False  # CUDA: the whole E-step as one graph, the other network calls individually
-    cuda_graphs: bool = False  # CUDA, with compile and gamma_z = 0: replay the E-step as a CUDA graph
+    cuda_graphs: bool = False  # CUDA, EMD with compile, fused_update off, gamma_z = 0: replay the E-step
     checkpointing: bool = False
 
 
@@ -483,6 +483,20 @@ class DistillRecipe(_RunCommon):
                 raise ValueError("method.data: a mixture teacher's data is the mixture itself; remove method.data")
             if not mixture and m.data is None:
                 raise ValueError("method.data: z_t: data forward-diffuses real images; give method.data.path")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_graphs_need_the_whole_e_step_compiled(self):
+        if not self.precision.cuda_graphs:
+            return self
+        lang = getattr(self.method, "langevin", None)
+        if self.method.name != "emd" or lang is None:
+            raise ValueError("precision.cuda_graphs: replays EMD's E-step; remove it for this method")
+        if not self.precision.compile or lang.fused_update != "off" or lang.gamma_z != 0:
+            raise ValueError(
+                "precision.cuda_graphs: replays the E-step compiled as one graph, which needs precision.compile: "
+                "true, method.langevin.fused_update: off and gamma_z: 0; set those or remove cuda_graphs"
+            )
         return self
 
     @model_validator(mode="after")

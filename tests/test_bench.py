@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from emdctl.bench import run_bench
@@ -53,3 +54,36 @@ def test_bench_sections_subset_and_unknown_section():
     assert list(res["results"]) == ["one-step sampling"]
     r = CliRunner().invoke(app, ["bench", "--net", "mlp", "--device", "cpu", "--sections", "forward,everything"])
     assert r.exit_code == 2 and "--sections" in r.stderr and "everything" in r.stderr
+
+
+COMPARE_UNFUSED = """
+import torch
+from emdctl import kernels
+from emdctl.bench import run_bench
+
+kernels.available = lambda device: True  # Triton's interpreter runs the kernel on CPU tensors
+res = run_bench("mlp", batch=4, K=2, device_name="cpu", dtype="fp32", iters=1, warmup=0,
+                sections=("emd", "langevin"), compare_unfused=True)
+names = list(res["results"])
+assert names == ["EMD-2 training iteration", "EMD-2 training iteration, fused update off",
+                 "EMD-2 E-step (Langevin loop) + generator forward",
+                 "EMD-2 E-step + generator forward, fused update off"], names
+assert res["info"]["configured"].endswith("+fused"), res["info"]
+assert all(r["configured"] > 0 for r in res["results"].values())
+print("compare ok")
+"""
+
+
+def test_bench_times_the_fused_update_off_in_the_same_run():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", COMPARE_UNFUSED], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "compare ok" in res.stdout, res.stdout + res.stderr
+    # without a kernel to compare (CPU), no extra rows
+    res = run_bench("mlp", batch=2, K=1, device_name="cpu", dtype="fp32", iters=1, warmup=0, sections=("emd",),
+                    compare_unfused=True)  # fmt: skip
+    assert list(res["results"]) == ["EMD-1 training iteration"]

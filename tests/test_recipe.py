@@ -149,6 +149,18 @@ def test_decay_must_start_before_the_end(tmp_path):
     assert "final" in error_of(tmp_path, tiny_mixture_recipe(**{"optim.decay": {"start": 0, "final": 0}}))
 
 
+def test_cuda_graphs_need_the_whole_e_step_compiled(tmp_path):
+    graphs = {"precision.cuda_graphs": True, "precision.compile": True}
+    msg = error_of(tmp_path, tiny_mixture_recipe(**graphs))  # fused_update defaults to on
+    assert msg.count("\n") == 0 and "precision.cuda_graphs" in msg and "fused_update: off" in msg
+    off = {**graphs, "method.langevin.fused_update": "off"}
+    assert "precision.compile: true" in error_of(tmp_path, tiny_mixture_recipe(**{**off, "precision.compile": False}))
+    assert "gamma_z: 0" in error_of(tmp_path, tiny_mixture_recipe(**{**off, "method.langevin.gamma_z": 0.1}))
+    assert load_recipe(write(tmp_path, tiny_mixture_recipe(**off))).precision.cuda_graphs
+    di = tiny_mixture_recipe(**graphs, method={"name": "diff-instruct"})
+    assert "remove it for this method" in error_of(tmp_path, di)
+
+
 def test_micro_batch_must_divide(tmp_path):
     assert "must divide" in error_of(tmp_path, tiny_mixture_recipe(batch={"size": 64, "micro": 10}))
 
