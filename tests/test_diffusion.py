@@ -61,8 +61,11 @@ def test_sample_sigma_ranges(dist):
     u = torch.randn(10000, generator=g) if dist == "lognormal" else torch.rand(10000, generator=g)
     s = diffusion.sample_sigma(lv, u)
     assert s.min() >= 0.01 - 1e-7 and s.max() <= 10 + 1e-5
-    if dist == "loguniform":  # log sigma uniform: mean of log is the midpoint
-        assert abs(float(s.log().mean()) - (math.log(0.01) + math.log(10)) / 2) < 0.05
+    if dist == "loguniform":  # log sigma uniform: mean of log is the midpoint, sd is width / sqrt(12)
+        width = math.log(10) - math.log(0.01)
+        se = width / math.sqrt(12 * len(u))  # of the mean; 5 SE: a false failure about once in 2 million
+        assert abs(float(s.log().mean()) - (math.log(0.01) + math.log(10)) / 2) < 5 * se
+        assert abs(float(s.log().std()) - width / math.sqrt(12)) < 0.05 * width / math.sqrt(12)
 
 
 def test_karras_schedule_endpoints():
