@@ -158,6 +158,9 @@ class Trainer:
             self.log(f"already trained for {self.images:,} of {r.duration:,} images; nothing to do")
             return self.finish(final_checkpoint=False)
 
+        if r.precision.compile and self.dist.device.type == "cuda":
+            # Otherwise the run looks hung: DDPM++ took ~2.5 minutes on an H100 (README "Performance").
+            self.log("torch.compile: the first iterations compile the networks, which can take minutes on a GPU")
         previous = self._install_signals()
         accum: dict[str, torch.Tensor] = {}
         accum_n = 0
