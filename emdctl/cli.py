@@ -193,6 +193,9 @@ def sample(
     ] = None,
     sampler: Annotated[str, typer.Option(help="Teacher sampler: auto, heun, euler or ddpm.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    keep_float: Annotated[
+        bool, typer.Option(help="Also store the unclipped float32 images in samples.npz (arr_float).")
+    ] = False,
 ):
     """Generate images, each a pure function of its seed; re-running resumes finished shards.
 
@@ -206,7 +209,18 @@ def sample(
     if steps is not None and steps < 1:
         raise UserError("--steps must be at least 1")
     summary = sample_command(
-        source, teacher, _seeds(seeds, n), out_dir, batch, steps, fmt, class_label, ema, sampler, device
+        source,
+        teacher,
+        _seeds(seeds, n),
+        out_dir,
+        batch,
+        steps,
+        fmt,
+        class_label,
+        ema,
+        sampler,
+        device,
+        keep_float=keep_float,
     )
     rate = summary.get("images_per_s")
     out.print(
@@ -375,6 +389,10 @@ def evaluate_stats(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
     ema: Annotated[bool, typer.Option(help="Use a run's EMA weights (--no-ema: the raw generator).")] = True,
+    shift_background: Annotated[
+        bool,
+        typer.Option(help="Shift each image's level so its median pixel is black first (teachers blind to it)."),
+    ] = False,
 ):
     """Pixel statistics: brightness, contrast and the fraction of flat (degenerate) images."""
     from rich.table import Table
@@ -384,7 +402,9 @@ def evaluate_stats(
     from .storage import atomic_write_json
 
     dev = resolve_device(device)
-    stats = statistics_table({str(s): images_of(s, n, device=dev, use_ema=ema) for s in sources})
+    stats = statistics_table(
+        {str(s): images_of(s, n, device=dev, use_ema=ema, shift=shift_background) for s in sources}
+    )
     table = Table(title="pixel statistics (grey levels 0-255; flat = per-image std < 10)")
     table.add_column("statistic")
     for s in stats:
@@ -469,6 +489,10 @@ def demo_loop_cmd(
         Path | None, typer.Option(help="Also report Inception FID with these weights.")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    shift_background: Annotated[
+        bool,
+        typer.Option(help="Also evaluate with each image's level shifted so its median pixel is black."),
+    ] = False,
 ):
     """The quality loop: [train teacher] -> features -> teacher samples -> EMD and Diff-Instruct on the
     same budget -> FD to teacher and data, recall, flat-image fraction, side by side (resumable)."""
@@ -486,6 +510,7 @@ def demo_loop_cmd(
         inception_weights,
         device,
         err,
+        shift_background,
     )
 
 
@@ -499,11 +524,19 @@ def demo_mnist_cmd(
     mnist: Annotated[Path, typer.Option(help="MNIST idx directory.")] = Path("../shared/data/mnist"),
     features: Annotated[Path | None, typer.Option(help="A classifier feature file (trained here if absent).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    shift_background: Annotated[
+        bool,
+        typer.Option(help="Also evaluate with each image's level shifted so its median pixel is black."),
+    ] = True,
 ):
-    """The quality loop on the pretrained MNIST DDPM, its own 1000-step samples as the reference."""
+    """The quality loop on the pretrained MNIST DDPM, its own 1000-step samples as the reference.
+
+    The teacher's score cannot see an image's mean level, so its samples' levels are arbitrary (most
+    clip to flat squares); the rows marked "shifted" compare every model after setting each image's
+    median pixel to black, i.e. on what the teacher does define."""
     from .demo import demo_loop
 
-    demo_loop(out_dir, recipe, mnist, _budget(budget), n, 1000, None, features, None, device, err)
+    demo_loop(out_dir, recipe, mnist, _budget(budget), n, 1000, None, features, None, device, err, shift_background)
 
 
 def _budget(text: str, option: str = "--budget") -> int:

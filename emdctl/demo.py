@@ -18,6 +18,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import Image
 from rich.console import Console
@@ -298,10 +299,13 @@ def demo_loop(
     inception_weights: Path | None = None,
     device: str = "auto",
     console: Console | None = None,
+    shift_background: bool = False,
 ) -> dict:
     """The quality loop: [train the teacher], train the feature space, sample the teacher, distill it
     with EMD and Diff-Instruct on the same budget, and evaluate every model against the teacher's
-    samples and the real data."""
+    samples and the real data. shift_background: also evaluate every image set after
+    `shift_background` (for a teacher whose score cannot see an image's mean level), as rows marked
+    "shifted"."""
     from .distributed import resolve_device
     from .evaluation.classifier import train_feature_net
     from .evaluation.fidelity import compute_metrics, open_feature_space, reference_from_features
@@ -360,6 +364,7 @@ def demo_loop(
         "auto",
         device,
         show_progress=True,
+        keep_float=shift_background,
     )
 
     budget = budget or r.duration
@@ -376,18 +381,37 @@ def demo_loop(
         "real data": Path(data),
     }
     eval_seeds = list(range(10_000_000, 10_000_000 + n))  # not the seeds the teacher samples used
-    images = {name: images_of(src, n, device=dev, seeds=eval_seeds) for name, src in sources.items()}
     teacher_name, real_name = next(iter(sources)), "real data"
+    if shift_background:
+        with np.load(sources[teacher_name]) as z:
+            if "arr_float" not in z:
+                raise UserError(
+                    f"{out / 'teacher-samples'}: sampled without the float images the shifted evaluation needs; "
+                    "delete that folder and run again"
+                )
+    images = {name: images_of(src, n, device=dev, seeds=eval_seeds) for name, src in sources.items()}
+    shifted = (
+        {name: images_of(src, n, device=dev, seeds=eval_seeds, shift=True) for name, src in sources.items()}
+        if shift_background
+        else {}
+    )
     results: dict[str, dict] = {name: pixel_statistics(x) for name, x in images.items()}
-    for space, fs in spaces.items():
-        feats = {name: fs.extract_batched(x) for name, x in images.items()}
-        ref_t = reference_from_features(feats[teacher_name], fs, {})
-        ref_r = reference_from_features(feats[real_name], fs, {})
-        label = "FID" if fs.comparable else "FD_classifier"
-        for name in sources:
-            results[name][f"{label} to teacher"] = compute_metrics(["fid"], feats[name], ref_t, fs)["fd"]
-            results[name][f"{label} to real"] = compute_metrics(["fid"], feats[name], ref_r, fs)["fd"]
-            results[name][f"recall to real ({space})"] = compute_metrics(["prc"], feats[name], ref_r, fs)["recall"]
+    for prefix, imgs in (("", images), ("shifted: ", shifted)):
+        if not imgs:
+            continue
+        if prefix:
+            for name, x in imgs.items():
+                results[name].update({prefix + k: v for k, v in pixel_statistics(x).items()})
+        for space, fs in spaces.items():
+            feats = {name: fs.extract_batched(x) for name, x in imgs.items()}
+            ref_t = reference_from_features(feats[teacher_name], fs, {})
+            ref_r = reference_from_features(feats[real_name], fs, {})
+            label = prefix + ("FID" if fs.comparable else "FD_classifier")
+            for name in sources:
+                res = results[name]
+                res[f"{label} to teacher"] = compute_metrics(["fid"], feats[name], ref_t, fs)["fd"]
+                res[f"{label} to real"] = compute_metrics(["fid"], feats[name], ref_r, fs)["fd"]
+                res[f"{prefix}recall to real ({space})"] = compute_metrics(["prc"], feats[name], ref_r, fs)["recall"]
     table = Table(
         title=f"{distill_recipe}: {budget:,} training images per method, {n} samples per model\n"
         + "; ".join(fs.label for fs in spaces.values())
@@ -395,23 +419,30 @@ def demo_loop(
     table.add_column("quantity")
     for name in sources:
         table.add_column(name, justify="right")
-    keys = [k for k in results[teacher_name] if " to " in k or k.startswith("recall")]
-    keys += ["flat_fraction", "flat_black_fraction", "flat_white_fraction", "mean_brightness", "mean_contrast"]
+    pixels = ["flat_fraction", "flat_black_fraction", "flat_white_fraction", "mean_brightness", "mean_contrast"]
+    keys = []
+    for prefix in ("", "shifted: ") if shift_background else ("",):
+        measured = [k.removeprefix(prefix) for k in results[teacher_name] if k.startswith(prefix)]
+        measured = [k for k in measured if not k.startswith("shifted: ")]
+        keys += [prefix + k for k in measured if " to " in k or k.startswith("recall")] + [prefix + k for k in pixels]
     for key in keys:
         table.add_row(key, *[f"{results[s][key]:.4g}" for s in sources])
     console.print(table)
-    grids = []
-    for i, (_name, x) in enumerate(images.items()):
-        p = out / f"grid-{i}.png"
-        save_image_grid(x[:64], p)
-        grids.append(p)
-    _side_by_side(grids, out / "grids-side-by-side.png")
+    for suffix, imgs in (("", images), ("-shifted", shifted)):
+        grids = []
+        for i, x in enumerate(imgs.values()):
+            p = out / f"grid-{i}{suffix}.png"
+            save_image_grid(x[:64], p)
+            grids.append(p)
+        if grids:
+            _side_by_side(grids, out / f"grids-side-by-side{suffix}.png")
     atomic_write_json(
         out / "summary.json",
         {
             "budget_images": budget,
             "samples": n,
             "teacher_steps": teacher_steps,
+            "shift_background": shift_background,
             "feature_spaces": [fs.label for fs in spaces.values()],
             "sources": {k: str(v) for k, v in sources.items()},
             "results": results,

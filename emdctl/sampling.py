@@ -195,9 +195,11 @@ def run_sampling(
     world: int = 1,
     show_progress: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    keep_float: bool = False,
 ) -> dict:
     """Generate `seeds` with `fn` into `out_dir`. Each finished batch is recorded (by its range of
-    positions in the seed list), so a re-run, with any --batch, generates only what is missing."""
+    positions in the seed list), so a re-run, with any --batch, generates only what is missing.
+    keep_float: images also go into the npz unquantized (arr_float, float32 [N, H, W, C])."""
     if fmt not in ("png", "npz", "both"):
         raise UserError(f"--format must be png, npz or both (got {fmt!r})")
     if batch <= 0:
@@ -211,6 +213,8 @@ def run_sampling(
     is_image = info["data"].get("kind") == "image"
     want_png = fmt in ("png", "both") and is_image
     want_npz = fmt in ("npz", "both") or not is_image
+    if keep_float and not (is_image and want_npz):
+        raise UserError("--keep-float needs images and --format npz or both")
     n = len(seeds)
     blocks = [(a, min(a + SHARD, n)) for a in range(0, n, SHARD)][rank::world]
     done = _done_parts(state_dir)
@@ -237,6 +241,8 @@ def run_sampling(
                 arr = x.numpy().astype(np.float32)
             if want_npz:
                 payload = {"x": arr, "seeds": np.asarray(part, dtype=np.int64)}
+                if keep_float:
+                    payload["xf"] = x.float().permute(0, 2, 3, 1).numpy()
                 if labels is not None:
                     payload["y"] = labels.argmax(1).cpu().numpy()
                 with atomic_path(state_dir / f"part-{a:09d}-{b:09d}.npz") as tmp, open(tmp, "wb") as f:
@@ -273,15 +279,21 @@ def _preview(out_dir: Path, seeds: list[int], is_image: bool, have_npz: bool) ->
 
 def assemble_npz(out_dir: Path) -> Path:
     parts = sorted((out_dir / ".shards").glob("part-*.npz"))
-    xs, ys = [], []
+    xs, ys, xfs = [], [], []
     for p in parts:
         with np.load(p) as z:
             xs.append(z["x"])
             if "y" in z:
                 ys.append(z["y"])
+            if "xf" in z:
+                xfs.append(z["xf"])
     payload = {"arr_0": np.concatenate(xs)}
     if ys:
         payload["arr_1"] = np.concatenate(ys)
+    if xfs:
+        if len(xfs) != len(xs):
+            raise UserError(f"{out_dir}: some shards were sampled without --keep-float; sample into another --out")
+        payload["arr_float"] = np.concatenate(xfs)
     path = out_dir / "samples.npz"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **payload)
@@ -301,6 +313,7 @@ def sample_command(
     sampler: str,
     device_name: str,
     show_progress: bool = True,
+    keep_float: bool = False,
 ) -> dict:
     """What `emdctl sample` does after parsing."""
     from . import distributed
@@ -327,5 +340,5 @@ def sample_command(
             }
         with torch.no_grad():
             summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
-                                   show_progress and dist.is_main, dist.barrier)  # fmt: skip
+                                   show_progress and dist.is_main, dist.barrier, keep_float)  # fmt: skip
     return summary

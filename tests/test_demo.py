@@ -135,12 +135,19 @@ def test_demo_loop_on_the_mnist_teacher(tmp_path, shared_data):
     recipe["teacher"]["path"] = str(shared_data / "teachers" / "ddpm_mnist_pulfer_myunet.pt")
     (tmp_path / "mnist.yaml").write_text(yaml.safe_dump(recipe))
     results = demo_loop(tmp_path / "loop", tmp_path / "mnist.yaml", shared_data / "mnist", budget=64, n=64,
-                        teacher_steps=10, features=features, device="cpu", console=QUIET)  # fmt: skip
+                        teacher_steps=10, features=features, device="cpu", console=QUIET,
+                        shift_background=True)  # fmt: skip
     assert set(results) == {"teacher (10 steps)", "initial generator (1 step)", "EMD (1 step)",
                             "Diff-Instruct (1 step)", "real data"}  # fmt: skip
-    assert results["teacher (10 steps)"]["FD_classifier to teacher"] < 1e-6
+    teacher = results["teacher (10 steps)"]
+    assert teacher["FD_classifier to teacher"] < 1e-6 and teacher["shifted: FD_classifier to teacher"] < 1e-6
     assert all(0 <= r["flat_fraction"] <= 1 for r in results.values())
+    # The teacher cannot see its samples' level: most clip to flat squares, which the shift undoes.
+    assert teacher["flat_fraction"] > 0.5 and teacher["shifted: flat_fraction"] < 0.1
+    real = results["real data"]
+    assert real["shifted: mean_brightness"] == pytest.approx(real["mean_brightness"])  # black already
     assert (tmp_path / "loop" / "grids-side-by-side.png").is_file()
+    assert (tmp_path / "loop" / "grids-side-by-side-shifted.png").is_file()
 
 
 def test_demo_loop_checks_its_teacher_before_training_the_feature_space(tmp_path, shared_data):

@@ -287,6 +287,24 @@ def test_pixel_statistics_on_constructed_images(tmp_path):
     )
 
 
+def test_shift_background_is_invariant_to_an_image_offset_and_keeps_black_backgrounds(shared_data):
+    """The quotient a DC-blind teacher is compared in: one image per class of level offsets."""
+    from emdctl.evaluation.stats import images_of, shift_background
+
+    x = torch.rand(9, 1, 12, 12, dtype=torch.float64) * 2 - 1
+    c = torch.randn(9, 1, 1, 1, dtype=torch.float64) * 10  # fresh offsets as large as the DDPM's
+    y = shift_background(x)
+    assert torch.allclose(shift_background(x + c), y, atol=1e-12)
+    assert torch.equal(y.flatten(1).median(1).values, torch.full((9,), -1.0, dtype=torch.float64))
+    assert torch.allclose(y - x, (y - x).flatten(1)[:, :1].view(-1, 1, 1, 1).expand_as(x))  # a pure offset
+    mnist = images_of(shared_data / "mnist", 300)
+    assert torch.equal(shift_background(mnist), mnist)  # MNIST's median pixel is already black
+    u = torch.randint(0, 256, (7, 1, 9, 9), dtype=torch.uint8)
+    v = shift_background(u)
+    assert v.flatten(1).median(1).values.eq(0).all()
+    assert torch.equal(v.int(), (u.int() - u.flatten(1).median(1).values.view(-1, 1, 1, 1).int()).clamp(min=0))
+
+
 def test_paired_comparison_against_brute_force():
     """Sign test, sign-flip p and paired t against direct enumeration on fresh random differences."""
     import itertools

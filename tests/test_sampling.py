@@ -70,6 +70,38 @@ def test_interrupted_sampling_resumes_only_what_is_missing(image_generator, tmp_
         sample(image_generator, out, list(range(5, 10)), fmt="npz")
 
 
+def test_keep_float_stores_the_unclipped_images_and_shifted_evaluation_uses_them(image_generator, tmp_path):
+    import torch
+
+    from emdctl.evaluation.stats import images_of, shift_background
+    from emdctl.plots import to_uint8
+    from emdctl.rng import PerSeedRandom
+    from emdctl.sampling import open_generator
+
+    seeds = [3, 4, 5, 6, 7]
+    sample_command(image_generator, None, seeds, tmp_path / "s", 2, 1, "npz", None, True, "auto", "cpu",
+                   show_progress=False, keep_float=True)  # fmt: skip
+    z = np.load(tmp_path / "s" / "samples.npz")
+    gen, _ = open_generator(image_generator, True)
+    rng = PerSeedRandom(seeds, "cpu")
+    z_in = rng.randn(gen.img_shape)
+    labels = torch.nn.functional.one_hot(rng.randint(gen.label_dim), gen.label_dim).float()
+    with torch.no_grad():
+        want = gen(z_in, labels).permute(0, 2, 3, 1).numpy()
+    assert z["arr_float"].dtype == np.float32 and np.allclose(z["arr_float"], want, atol=1e-6)
+    assert np.array_equal(to_uint8(torch.from_numpy(z["arr_float"])).numpy(), z["arr_0"])
+    offset = torch.from_numpy(z["arr_float"]).permute(0, 3, 1, 2) + 3.0  # what a DC-blind teacher could emit
+    np.savez(tmp_path / "off.npz", arr_0=to_uint8(offset).permute(0, 2, 3, 1).numpy(),
+             arr_float=offset.permute(0, 2, 3, 1).numpy())  # fmt: skip
+    shifted = images_of(tmp_path / "off.npz", 5, shift=True)
+    assert to_uint8(offset).eq(255).all()  # clipped, the offset images are flat white
+    assert torch.equal(shifted, to_uint8(shift_background(offset - 3.0)))
+    assert torch.equal(images_of(image_generator, 5, seeds=seeds, shift=True), shifted)
+    with pytest.raises(UserError, match="--keep-float needs"):
+        sample_command(image_generator, None, seeds, tmp_path / "p", 2, 1, "png", None, True, "auto", "cpu",
+                       show_progress=False, keep_float=True)  # fmt: skip
+
+
 def test_multistep_sampling_is_per_seed(image_generator, tmp_path):
     sample(image_generator, tmp_path / "a", [5, 6, 7], batch=3, fmt="npz", steps=3)
     sample(image_generator, tmp_path / "b", [7], batch=1, fmt="npz", steps=3)

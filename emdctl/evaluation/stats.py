@@ -3,6 +3,12 @@ of degenerate flat images (per-image pixel standard deviation below 10 grey leve
 
 The MNIST teacher in shared/data produces mostly flat black or white squares, so the fraction is
 reported next to feature distances: it shows whether a student reproduces the teacher's flaw.
+
+That teacher's score cannot see an image's mean level (a LayerNorm over the whole image), so its
+samples carry an arbitrary brightness offset (its 1000-step samples: per-image means from -16 to
++9 in [-1, 1] units) that clipping turns into flat squares. `shift_background` maps every image to
+one representative of its class under that symmetry, the one whose median pixel is black, so that
+such a teacher and its students can be compared on what the teacher does define.
 """
 
 from __future__ import annotations
@@ -15,6 +21,17 @@ from ..data import open_dataset
 from ..errors import UserError
 
 FLAT_STD = 10.0  # grey levels
+
+
+def shift_background(x: torch.Tensor) -> torch.Tensor:
+    """Shift each image's level so that its median pixel is black: -1 for float images in [-1, 1]
+    units (shifted before clipping), 0 for uint8. Images with a black background, like MNIST's,
+    are left as they are; the result does not depend on an offset added to the input image."""
+    if x.dtype == torch.uint8:
+        median = x.flatten(1).median(1).values.view(-1, *[1] * (x.ndim - 1)).int()
+        return (x.int() - median).clamp(0, 255).to(torch.uint8)
+    median = x.flatten(1).median(1).values.view(-1, *[1] * (x.ndim - 1))
+    return x - median - 1.0
 
 
 def pixel_statistics(x_uint8: torch.Tensor) -> dict:
@@ -35,8 +52,15 @@ def pixel_statistics(x_uint8: torch.Tensor) -> dict:
     }
 
 
-def images_of(source: Path, n: int, batch: int = 256, device="cpu", use_ema: bool = True, seeds=None) -> torch.Tensor:
-    """uint8 [N, C, H, W] from a dataset/npz/folder, or made in memory by a generator (like `sample`)."""
+def images_of(
+    source: Path, n: int, batch: int = 256, device="cpu", use_ema: bool = True, seeds=None, shift: bool = False
+) -> torch.Tensor:
+    """uint8 [N, C, H, W] from a dataset/npz/folder, or made in memory by a generator (like `sample`).
+    shift: `shift_background` every image, before clipping where the floats exist (generators, and
+    npz files written by `emdctl sample --keep-float`)."""
+    import numpy as np
+
+    from ..plots import to_uint8
     from ..rng import PerSeedRandom
     from ..sampling import in_chunks, open_generator
     from .fidelity import _source_kind
@@ -44,6 +68,7 @@ def images_of(source: Path, n: int, batch: int = 256, device="cpu", use_ema: boo
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source}: no such generator, run directory or dataset")
+    level = shift_background if shift else (lambda x: x)
     if _source_kind(source) == "generator":
         gen, _ = open_generator(source, use_ema)
         gen = gen.to(device)
@@ -59,13 +84,18 @@ def images_of(source: Path, n: int, batch: int = 256, device="cpu", use_ema: boo
                 if gen.label_dim
                 else None
             )
-            return (gen(z, y) * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu(), None
+            return to_uint8(level(gen(z, y))).cpu(), None
 
         with torch.no_grad():
             return torch.cat([in_chunks(make, seeds[i : i + batch])[0] for i in range(0, len(seeds), batch)])
+    if shift and source.suffix == ".npz":
+        with np.load(source) as z:
+            if "arr_float" in z:
+                x = torch.from_numpy(z["arr_float"][:n]).permute(0, 3, 1, 2)
+                return to_uint8(level(x))
     ds = open_dataset(source, use_labels=False)
     idx = range(min(n, len(ds)))
-    return torch.stack([ds[i][0] for i in idx])
+    return level(torch.stack([ds[i][0] for i in idx]))
 
 
 def statistics_table(named: dict[str, torch.Tensor]) -> dict[str, dict]:
