@@ -18,7 +18,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import yaml
 from PIL import Image
 from rich.console import Console
@@ -382,26 +381,18 @@ def demo_loop(
     }
     eval_seeds = list(range(10_000_000, 10_000_000 + n))  # not the seeds the teacher samples used
     teacher_name, real_name = next(iter(sources)), "real data"
-    if shift_background:
-        with np.load(sources[teacher_name]) as z:
-            if "arr_float" not in z:
-                raise UserError(
-                    f"{out / 'teacher-samples'}: sampled without the float images the shifted evaluation needs; "
-                    "delete that folder and run again"
-                )
     images = {name: images_of(src, n, device=dev, seeds=eval_seeds) for name, src in sources.items()}
     shifted = (
         {name: images_of(src, n, device=dev, seeds=eval_seeds, shift=True) for name, src in sources.items()}
         if shift_background
         else {}
     )
-    results: dict[str, dict] = {name: pixel_statistics(x) for name, x in images.items()}
+    results: dict[str, dict] = {name: {} for name in sources}
     for prefix, imgs in (("", images), ("shifted: ", shifted)):
         if not imgs:
             continue
-        if prefix:
-            for name, x in imgs.items():
-                results[name].update({prefix + k: v for k, v in pixel_statistics(x).items()})
+        for name, x in imgs.items():
+            results[name].update({prefix + k: v for k, v in pixel_statistics(x).items()})
         for space, fs in spaces.items():
             feats = {name: fs.extract_batched(x) for name, x in imgs.items()}
             ref_t = reference_from_features(feats[teacher_name], fs, {})
@@ -422,9 +413,8 @@ def demo_loop(
     pixels = ["flat_fraction", "flat_black_fraction", "flat_white_fraction", "mean_brightness", "mean_contrast"]
     keys = []
     for prefix in ("", "shifted: ") if shift_background else ("",):
-        measured = [k.removeprefix(prefix) for k in results[teacher_name] if k.startswith(prefix)]
-        measured = [k for k in measured if not k.startswith("shifted: ")]
-        keys += [prefix + k for k in measured if " to " in k or k.startswith("recall")] + [prefix + k for k in pixels]
+        measured = [k for k in results[teacher_name] if " to " in k and k.startswith("shifted: ") == bool(prefix)]
+        keys += measured + [prefix + k for k in pixels]
     for key in keys:
         table.add_row(key, *[f"{results[s][key]:.4g}" for s in sources])
     console.print(table)

@@ -218,6 +218,8 @@ def run_sampling(
     n = len(seeds)
     blocks = [(a, min(a + SHARD, n)) for a in range(0, n, SHARD)][rank::world]
     done = _done_parts(state_dir)
+    if keep_float and not all(_has_floats(p) for p in state_dir.glob("part-*.npz")):
+        raise UserError(f"{out_dir}: holds shards sampled without --keep-float; delete it or use another --out")
     todo = []
     for a, b in blocks:
         for gx, gy in _uncovered(a, b, done):
@@ -257,7 +259,7 @@ def run_sampling(
     barrier()
     if rank == 0 and _done_parts(state_dir) == [(0, n)]:
         if want_npz:
-            summary["npz"] = str(assemble_npz(out_dir))
+            summary["npz"] = str(assemble_npz(out_dir, keep_float))
         _preview(out_dir, seeds, is_image, want_npz)
         atomic_write_json(out_dir / "sampling.json", {**info, "seeds": [seeds[0], seeds[-1]], "n": n})
     return summary
@@ -277,7 +279,12 @@ def _preview(out_dir: Path, seeds: list[int], is_image: bool, have_npz: bool) ->
         save_scatter(x, out_dir / "scatter.png")
 
 
-def assemble_npz(out_dir: Path) -> Path:
+def _has_floats(part: Path) -> bool:
+    with np.load(part) as z:
+        return "xf" in z.files
+
+
+def assemble_npz(out_dir: Path, keep_float: bool = False) -> Path:
     parts = sorted((out_dir / ".shards").glob("part-*.npz"))
     xs, ys, xfs = [], [], []
     for p in parts:
@@ -285,14 +292,12 @@ def assemble_npz(out_dir: Path) -> Path:
             xs.append(z["x"])
             if "y" in z:
                 ys.append(z["y"])
-            if "xf" in z:
+            if keep_float:
                 xfs.append(z["xf"])
     payload = {"arr_0": np.concatenate(xs)}
     if ys:
         payload["arr_1"] = np.concatenate(ys)
-    if xfs:
-        if len(xfs) != len(xs):
-            raise UserError(f"{out_dir}: some shards were sampled without --keep-float; sample into another --out")
+    if keep_float:
         payload["arr_float"] = np.concatenate(xfs)
     path = out_dir / "samples.npz"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -97,6 +97,10 @@ def test_keep_float_stores_the_unclipped_images_and_shifted_evaluation_uses_them
     assert to_uint8(offset).eq(255).all()  # clipped, the offset images are flat white
     assert torch.equal(shifted, to_uint8(shift_background(offset - 3.0)))
     assert torch.equal(images_of(image_generator, 5, seeds=seeds, shift=True), shifted)
+    sample(image_generator, tmp_path / "q", seeds, fmt="npz")  # a re-run asking for floats it lacks
+    with pytest.raises(UserError, match="sampled without --keep-float"):
+        sample_command(image_generator, None, seeds, tmp_path / "q", 2, 1, "npz", None, True, "auto", "cpu",
+                       show_progress=False, keep_float=True)  # fmt: skip
     with pytest.raises(UserError, match="--keep-float needs"):
         sample_command(image_generator, None, seeds, tmp_path / "p", 2, 1, "png", None, True, "auto", "cpu",
                        show_progress=False, keep_float=True)  # fmt: skip

@@ -27,10 +27,9 @@ def shift_background(x: torch.Tensor) -> torch.Tensor:
     """Shift each image's level so that its median pixel is black: -1 for float images in [-1, 1]
     units (shifted before clipping), 0 for uint8. Images with a black background, like MNIST's,
     are left as they are; the result does not depend on an offset added to the input image."""
-    if x.dtype == torch.uint8:
-        median = x.flatten(1).median(1).values.view(-1, *[1] * (x.ndim - 1)).int()
-        return (x.int() - median).clamp(0, 255).to(torch.uint8)
     median = x.flatten(1).median(1).values.view(-1, *[1] * (x.ndim - 1))
+    if x.dtype == torch.uint8:
+        return (x.int() - median.int()).clamp(0, 255).to(torch.uint8)
     return x - median - 1.0
 
 
