@@ -519,7 +519,7 @@ def demo_loop_cmd(
 def demo_mnist_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Where runs, samples and plots go.")] = Path("runs/demo-mnist"),
     recipe: Annotated[Path, typer.Option(help="The recipe naming the MNIST teacher.")] = Path("recipes/mnist.yaml"),
-    budget: Annotated[str, typer.Option(help="Training images per method.")] = "8k",
+    budget: Annotated[str | None, typer.Option(help="Training images per method (default: the recipe's).")] = None,
     n: Annotated[int, typer.Option("--n", help="Samples per model for the evaluation.")] = 1024,
     mnist: Annotated[Path, typer.Option(help="MNIST idx directory.")] = Path("../shared/data/mnist"),
     features: Annotated[Path | None, typer.Option(help="A classifier feature file (trained here if absent).")] = None,
@@ -536,7 +536,8 @@ def demo_mnist_cmd(
     median pixel to black, i.e. on what the teacher does define."""
     from .demo import demo_loop
 
-    demo_loop(out_dir, recipe, mnist, _budget(budget), n, 1000, None, features, None, device, err, shift_background)
+    images = _budget(budget) if budget else None
+    demo_loop(out_dir, recipe, mnist, images, n, 1000, None, features, None, device, err, shift_background)
 
 
 def _budget(text: str, option: str = "--budget") -> int:

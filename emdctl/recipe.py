@@ -240,17 +240,23 @@ class Langevin(Strict):
 Weighting = Literal["sigma2", "uniform", "dmd"]
 
 
+# pin_level: remove each image's per-channel mean from the generator's direction d, so the loss
+# never pushes the output level. For teachers whose score cannot see an image's mean level (the MNIST
+# DDPM: D(x + c) = D(x) + c): their density is flat along it, so d's mean there is only the bias of
+# the teacher and the fake score, and it drives the level away without bound.
 class EMDMethod(Strict):
     name: Literal["emd"]
     langevin: Langevin = Langevin()
     noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=80.0)
     weighting: Weighting = "sigma2"
+    pin_level: bool = False
 
 
 class DiffInstructMethod(Strict):
     name: Literal["diff-instruct"]
     noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=80.0)
     weighting: Weighting = "sigma2"
+    pin_level: bool = False
 
 
 class DataSpec(Strict):
@@ -510,6 +516,12 @@ class DistillRecipe(_RunCommon):
             raise ValueError("method.data: gdd trains against real images; give method.data.path (the dataset)")
         if mixture and self.method.discriminator.augment:
             raise ValueError("method.discriminator.augment: augmentations are for images; remove it for a mixture")
+        return self
+
+    @model_validator(mode="after")
+    def _pinned_level_needs_images(self):
+        if getattr(self.method, "pin_level", False) and isinstance(self.teacher, MixtureTeacher):
+            raise ValueError("method.pin_level: pins an image's mean level; a mixture teacher has none, remove it")
         return self
 
     @model_validator(mode="after")

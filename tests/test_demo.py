@@ -158,3 +158,17 @@ def test_demo_loop_checks_its_teacher_before_training_the_feature_space(tmp_path
         demo_loop(tmp_path / "loop", tmp_path / "r.yaml", shared_data / "mnist", budget=64, n=8,
                   teacher_steps=2, device="cpu", console=QUIET)  # fmt: skip
     assert not (tmp_path / "loop" / "features.safetensors").exists()
+
+
+def test_demo_mnist_trains_the_recipes_duration_unless_told(monkeypatch):
+    from typer.testing import CliRunner
+
+    import emdctl.demo
+    from emdctl.cli import app
+
+    seen = []
+    monkeypatch.setattr(emdctl.demo, "demo_loop", lambda out, recipe, data, budget, *a: seen.append(budget))
+    for args, budget in (([], None), (["--budget", "16k"], 16_000)):
+        res = CliRunner().invoke(app, ["demo", "mnist", *args])
+        assert res.exit_code == 0, res.output
+        assert seen[-1] == budget

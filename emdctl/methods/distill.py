@@ -61,6 +61,7 @@ class DistillationMethod(Method):
         critic_trainable = [p for p in self.fake.parameters() if p.requires_grad]  # GDD: frozen feature nets
         self.opt_fake = make_adam(critic_trainable, o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device)
         # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
+        self.pin_level = getattr(recipe.method, "pin_level", False)  # recipe.EMDMethod says why
         self.compiled = recipe.precision.compile and self.device.type == "cuda"
         self.teacher_fn = self._maybe_compile(self.teacher)
         self.fake_fn = self._maybe_compile(self.fake)
@@ -245,6 +246,11 @@ class DistillationMethod(Method):
         for m, rows in enumerate(rows_list):
             with no_sync(self.generator_ddp, m == len(rows_list) - 1):
                 x0, d, w, st = self.generator_direction(draws, rows)
+                if self.pin_level:
+                    level = d.mean(dim=(-2, -1), keepdim=True)
+                    # How much of the direction was a level push (rms over rms), for metrics.jsonl.
+                    st = {**st, "gen/level_share": level.square().mean().sqrt() / d.square().mean().sqrt()}
+                    d = d - level
                 target = (x0.detach() + d).detach()
                 per_sample = 0.5 * w * (x0 - target).square().flatten(1).sum(1)
                 loss = per_sample.sum() / self.batching.local_size
