@@ -369,6 +369,7 @@ def run_recipe(
                 teacher = load_teacher(recipe.teacher, seed=recipe.seed, device=dist.device)
                 if dist.is_main:
                     console.print(f"teacher: {teacher.source}", highlight=False)
+                    _advise_on_level(recipe, teacher, console)
             method = build_method(recipe, dist, teacher)
             if dist.is_main:
                 console.print(
@@ -378,3 +379,23 @@ def run_recipe(
         finally:
             run.unlock()
     return run, summary
+
+
+def _advise_on_level(recipe, teacher, console) -> None:
+    """Say when method.pin_level does not suit the teacher (README "The algorithm, as implemented")."""
+    if not hasattr(recipe.method, "pin_level") or not teacher.is_image:
+        return
+    blind, pinned = teacher.follows_level_shifts(), recipe.method.pin_level
+    if blind and not pinned:
+        console.print(
+            "[yellow]teacher: its denoiser follows any shift of an image's mean level (D(x + c) = D(x) + c), so "
+            "its score cannot see that level and the student's level can drift without bound; consider "
+            "method.pin_level: true[/]",
+            highlight=False,
+        )
+    elif pinned and not blind:
+        console.print(
+            "[yellow]method.pin_level: this teacher does see an image's mean level; pinning keeps the student "
+            "from learning it (remove pin_level unless that is intended)[/]",
+            highlight=False,
+        )

@@ -279,3 +279,25 @@ def test_pinned_level_stops_the_mnist_students_drift(shared_data):
         drift[pin] = float(m.generator(z, None).detach().mean()) - start
     assert drift[False] < -0.4, drift
     assert abs(drift[True]) < 0.2 * abs(drift[False]), drift
+
+
+def test_runs_advise_when_pin_level_does_not_suit_the_teacher(shared_data, image_setup):
+    from rich.console import Console
+
+    from emdctl.trainer import _advise_on_level
+
+    mnist = {"kind": "ddpm-pulfer", "path": str(shared_data / "teachers" / "ddpm_mnist_pulfer_myunet.pt")}
+    edm = {"kind": "pretrained", "path": str(image_setup / "teacher")}
+    for spec, pin, expected in (
+        (mnist, False, "consider method.pin_level: true"),
+        (mnist, True, None),
+        (edm, True, "this teacher does see an image's mean level"),
+        (edm, False, None),
+    ):
+        data = {"kind": "distill", "name": "a", "device": "cpu", "teacher": spec,
+                "method": {"name": "diff-instruct", "pin_level": pin}}  # fmt: skip
+        recipe = parse_recipe(data, "a.yaml")
+        console = Console(record=True, width=400)
+        _advise_on_level(recipe, load_teacher(recipe.teacher), console)
+        said = console.export_text()
+        assert (expected in said) if expected else said == "", (spec["kind"], pin, said)

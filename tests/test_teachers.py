@@ -250,3 +250,20 @@ def test_vp_ve_iddpm_preconditioners_are_consistent():
     # EDM's iDDPM grid u_j: increasing after the flip, from ~0.002 to far above the samplers' sigma_max = 80
     assert (iddpm.grid.diff() > 0).all() and iddpm.sigma_min < 0.01 and iddpm.sigma_max > 80
     assert math.isclose(float(iddpm.round_sigma(torch.tensor([80.0]))), 80.0, rel_tol=0.05)
+
+
+def test_level_blind_teachers_are_recognised(shared_data, image_setup):
+    """Teacher.follows_level_shifts, which decides run_recipe's advice on method.pin_level: true for
+    the MNIST DDPM (proved exactly above), false for an EDM DDPM++ teacher (class-conditional) and
+    for a mixture."""
+    from emdctl.recipe import parse_recipe
+    from emdctl.teachers import load_teacher
+
+    from .conftest import tiny_mixture_recipe
+
+    def teacher(spec):
+        return load_teacher(parse_recipe({**tiny_mixture_recipe(), "teacher": spec}, "t").teacher)
+
+    assert teacher({"kind": "ddpm-pulfer", "path": str(shared_data / TEACHER)}).follows_level_shifts()
+    assert not teacher({"kind": "pretrained", "path": str(image_setup / "teacher")}).follows_level_shifts()
+    assert not load_teacher(parse_recipe(tiny_mixture_recipe(), "t").teacher).follows_level_shifts()

@@ -56,6 +56,24 @@ class Teacher:
             out["mixture"] = self.mixture.to_dict()
         return out
 
+    @torch.no_grad()
+    def follows_level_shifts(self, tol: float = 1e-3) -> bool:
+        """Whether the denoiser moves with any shift of an image's mean level, D(x + c) = D(x) + c,
+        so that its score cannot see the level (method.pin_level is for such teachers). Probed on
+        two fixed random images at three noise levels: one batch of six, twice."""
+        if not self.is_image:
+            return False
+        den = self.denoiser
+        device = next(den.parameters()).device
+        g = torch.Generator().manual_seed(0)
+        sigma = den.round_sigma(torch.tensor([0.1, 1.0, 10.0], device=device).repeat_interleave(2)).float()
+        clean = torch.rand(6, *self.img_shape, generator=g) * 2 - 1
+        x = clean.to(device) + sigma.reshape(-1, 1, 1, 1) * torch.randn(clean.shape, generator=g).to(device)
+        c = torch.tensor([0.5, -0.7], device=device).repeat(3).reshape(-1, 1, 1, 1)
+        labels = torch.eye(self.label_dim, device=device)[torch.arange(6) % self.label_dim] if self.label_dim else None
+        moved = den(x + c, sigma, labels) - c - den(x, sigma, labels)
+        return bool(moved.abs().max() < tol)
+
 
 def _existing(path: Path, what: str) -> Path:
     path = Path(path)
