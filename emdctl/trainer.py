@@ -383,7 +383,7 @@ def run_recipe(
 
 def _advise_on_level(recipe, teacher, console) -> None:
     """Say when method.pin_level does not suit the teacher (README "The algorithm, as implemented")."""
-    if not hasattr(recipe.method, "pin_level") or not teacher.is_image:
+    if not hasattr(recipe.method, "pin_level"):  # (a mixture teacher is never blind, nor pinnable)
         return
     blind, pinned = teacher.follows_level_shifts(), recipe.method.pin_level
     if blind and not pinned:

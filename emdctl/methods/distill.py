@@ -60,8 +60,8 @@ class DistillationMethod(Method):
         self.opt_gen = make_adam(trainable, o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device)
         critic_trainable = [p for p in self.fake.parameters() if p.requires_grad]  # GDD: frozen feature nets
         self.opt_fake = make_adam(critic_trainable, o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device)
-        # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
         self.pin_level = getattr(recipe.method, "pin_level", False)  # recipe.EMDMethod says why
+        # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
         self.compiled = recipe.precision.compile and self.device.type == "cuda"
         self.teacher_fn = self._maybe_compile(self.teacher)
         self.fake_fn = self._maybe_compile(self.fake)
