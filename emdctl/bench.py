@@ -41,6 +41,8 @@ NETS = {
 
 
 SECTIONS = ("forward", "backward", "emd", "langevin", "sample")
+# Not in the default set (a minute or more of CPU runs): the CPU thread policy on shared cores.
+OPTIONAL_SECTIONS = ("shared-cpu",)
 
 
 @dataclass
@@ -140,6 +142,8 @@ def run_bench(
     warmup: int = 2,
     sections=SECTIONS,
     compare_unfused: bool = False,
+    shared_images: int = 200_000,
+    log=print,
 ) -> dict:
     if net not in NETS:
         raise UserError(f"--net {net!r}: allowed values are {', '.join(NETS)}")
@@ -226,9 +230,12 @@ def run_bench(
 
         return call
 
-    unknown = set(sections) - set(SECTIONS)
+    unknown = set(sections) - set(SECTIONS) - set(OPTIONAL_SECTIONS)
     if unknown:
-        raise UserError(f"--sections: unknown {', '.join(sorted(unknown))}; allowed: {', '.join(SECTIONS)}")
+        allowed = ", ".join(SECTIONS + OPTIONAL_SECTIONS)
+        raise UserError(f"--sections: unknown {', '.join(sorted(unknown))}; allowed: {allowed}")
+    if "shared-cpu" in sections:
+        results.update(run_shared_cpu(shared_images, log=log))
     if "forward" in sections:
         record("denoiser forward", "img/s", batch, fwd)
     if "backward" in sections:
@@ -261,3 +268,69 @@ def run_bench(
         "warmup": warmup,
     }
     return {"info": info, "results": results}
+
+
+def run_shared_cpu(images: int = 200_000, competitors: int = 1, log=print) -> dict[str, dict]:
+    """The default recipe (`emdctl distill`, `images` images) timed end to end in fresh processes,
+    with torch's thread defaults (baseline: one spinning OpenMP thread per core) and with emdctl's
+    policy (configured: emdctl.threads, passive OpenMP waiting), each on idle cores and beside
+    `competitors` CPU-bound processes (a Python busy loop each). Rows in img/s of wall time (start
+    to exit, teacher fit loaded from the cache); the result files are compared bit for bit."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from .storage import sha256_file
+
+    cores = os.cpu_count() or 1
+    # Baseline: the CLI entered without main()'s environment policy, at torch's own thread count.
+    baseline = [sys.executable, "-c", "from emdctl.cli import app; app()"]
+    configured = [sys.executable, "-m", "emdctl"]
+    work = Path(tempfile.mkdtemp(prefix="emdctl-bench-shared-"))
+
+    def distill(cmd, name, threads, duration):
+        args = ["distill", "--run-dir", str(work / name), "--set", f"duration={duration}",
+                "--set", "logging.progress=false", "--threads", threads]  # fmt: skip
+        t0 = time.perf_counter()
+        subprocess.run(cmd + args, check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return time.perf_counter() - t0, sha256_file(work / name / "generator" / "model.safetensors")
+
+    distill(configured, "warm-up", "auto", 1024)  # fits (or loads) the teacher's MLP once: cached
+    rows: dict[str, dict] = {}
+    hashes = set()
+    for label, busy in (("idle cores", 0), (f"beside {competitors} CPU-bound process(es)", competitors)):
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+        try:
+            log(f"shared-cpu: default recipe, {images:,} images, {label}: torch defaults ({cores} threads)")
+            t_base, h1 = distill(baseline, f"base-{busy}", str(cores), images)
+            log(f"shared-cpu: default recipe, {images:,} images, {label}: emdctl's thread policy")
+            t_conf, h2 = distill(configured, f"conf-{busy}", "auto", images)
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+        hashes |= {h1, h2}
+        rows[f"default recipe end to end, {label}"] = {
+            "unit": "img/s",
+            "baseline": images / t_base,
+            "configured": images / t_conf,
+            "ratio": t_base / t_conf,
+            "baseline_peak_gb": None,
+            "configured_peak_gb": None,
+            "baseline_seconds": t_base,
+            "configured_seconds": t_conf,
+        }
+    idle, shared = rows.values()
+    slow = {tag: shared[f"{tag}_seconds"] / idle[f"{tag}_seconds"] for tag in ("baseline", "configured")}
+    rows["slowdown beside the competitor (wall time beside / idle)"] = {
+        "unit": "x", **slow, "ratio": slow["configured"] / slow["baseline"],
+        "baseline_peak_gb": None, "configured_peak_gb": None,
+    }  # fmt: skip
+    if len(hashes) != 1:
+        raise UserError("shared-cpu: the thread settings changed the trained weights; please report this")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return rows

@@ -5,8 +5,11 @@ User mistakes (emdctl.errors.UserError) print one line, `error: ...`, and exit w
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +26,7 @@ app = typer.Typer(
     help="EM Distillation: distill a many-step diffusion model into a one-step generator.",
 )
 recipe_app = typer.Typer(no_args_is_help=True, help="Check and inspect recipes.")
-teacher_app = typer.Typer(no_args_is_help=True, help="Teachers: convert official checkpoints, train, sample.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Teachers: convert official checkpoints, train new ones.")
 evaluate_app = typer.Typer(no_args_is_help=True, help="FID/KID/IS/precision-recall (torch-fidelity) and mode metrics.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(teacher_app, name="teacher")
@@ -31,12 +34,16 @@ app.add_typer(evaluate_app, name="evaluate")
 demo_app = typer.Typer(no_args_is_help=True, help="Demonstrations: EMD vs Diff-Instruct on the same budget.")
 app.add_typer(demo_app, name="demo")
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# Into a file or a pipe, rich would cut tables at 80 columns: there they get the width they need.
+LOG_WIDTH = 240
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else LOG_WIDTH)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else LOG_WIDTH)
 
 
 def handles_errors(fn):
-    """Turn user errors into one line on stderr and exit status 2 (no traceback)."""
+    """Turn user errors into one line on stderr and exit status 2 (no traceback). Errors of the file
+    system (a full disk, a path that cannot be created, no permission) are user errors too: one line
+    naming the file and what the system said; whatever was written atomically before is intact."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -49,15 +56,83 @@ def handles_errors(fn):
         except TrainingStopped as e:
             err.print(e.message, markup=False)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            err.print(f"error: {describe_os_error(e)}", markup=False)
+            raise typer.Exit(UserError.exit_code) from None
 
     return wrapper
+
+
+def describe_os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e) or e.__class__.__name__
+    if e.errno == errno.ENOSPC:
+        return f"{where}no space left on the device; files written before are intact, free space and re-run the command"
+    return f"{where}{what}"
+
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        out.print(f"emdctl {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+):
+    """EM Distillation: distill a many-step diffusion model into a one-step generator."""
 
 
 RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML file; omitted: the embedded default recipe.")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a field, e.g. --set optim.lr_gen=2e-6 (repeatable; validated like the file)."),
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a field, e.g. --set optim.lr_gen=2e-6 (repeatable; validated like the file).",
+    ),
 ]
+ThreadsOpt = Annotated[
+    str,
+    typer.Option(
+        "--threads",
+        metavar="auto|N",
+        help="CPU threads: auto (1 for 2-D mixture problems, torch's default for images) or a number; "
+        "results are the same at any count.",
+    ),
+]
+RunThreadsOpt = Annotated[
+    str | None,
+    typer.Option("--threads", metavar="auto|N", help="CPU threads (default: the recipe's `threads`, auto)."),
+]
+
+
+def _threads(value: str | None):
+    from .threads import parse_threads
+
+    return parse_threads(value)
+
+
+def _new_file(path: Path | None, option: str) -> Path | None:
+    """An output file the user names: its folder must exist (nothing is created elsewhere)."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
+    return path
+
+
+def _out_dir(path: Path, option: str = "--out") -> Path:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: exists and is not a directory; give a folder")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,19 +148,21 @@ def distill(
     runs_root: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
     resume: Annotated[bool, typer.Option(help="Continue an existing run even though its recipe differs.")] = False,
     force: Annotated[bool, typer.Option(help="Move an existing run with another recipe aside and start over.")] = False,
+    threads: RunThreadsOpt = None,
 ):
     """Distill a teacher into a one-step generator (EMD; baselines Diff-Instruct, Moment Matching, GDD).
 
     Re-running the same command resumes from the last checkpoint. The run directory receives the
     resolved recipe, metrics.jsonl, checkpoints, PNG previews and, at the end, generator/.
     """
+    n_threads = _threads(threads)
     from .recipe import load_recipe
     from .trainer import run_recipe
 
     r = load_recipe(recipe, set_ or [])
     if r.kind != "distill":
         raise UserError(f"{recipe}: kind is {r.kind!r}; use `emdctl teacher train` for teacher recipes")
-    run_recipe(r, run_dir=run_dir, runs_root=runs_root, resume=resume, force=force, console=err)
+    run_recipe(r, run_dir=run_dir, runs_root=runs_root, resume=resume, force=force, console=err, threads=n_threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,52 +215,75 @@ def teacher_train(
     runs_root: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
     resume: Annotated[bool, typer.Option(help="Continue an existing run even though its recipe differs.")] = False,
     force: Annotated[bool, typer.Option(help="Move an existing run with another recipe aside and start over.")] = False,
+    threads: RunThreadsOpt = None,
 ):
     """Train an EDM-style teacher on a dataset (EDM loss, log-normal sigma, EMA, auto-resume)."""
+    n_threads = _threads(threads)
     from .recipe import load_recipe
     from .trainer import run_recipe
 
     r = load_recipe(recipe, set_ or [])
     if r.kind != "teacher-train":
         raise UserError(f"{recipe}: kind is {r.kind!r}; use `emdctl distill` for distillation recipes")
-    run_recipe(r, run_dir=run_dir, runs_root=runs_root, resume=resume, force=force, console=err)
+    run_recipe(r, run_dir=run_dir, runs_root=runs_root, resume=resume, force=force, console=err, threads=n_threads)
 
 
 # --------------------------------------------------------------------------------------------
 # sample
 
 
-def _seeds(seeds: str | None, n: int | None) -> list[int]:
-    from .rng import parse_seeds
+def _seeds(seeds: str | None, n: int | None, default_n: int | None = None) -> list[int]:
+    """--seeds or --n (seeds 0..n-1), never both; checked before anything heavy is imported."""
+    from .seeds import parse_seeds
 
+    if seeds is not None and n is not None:
+        raise UserError(f"give --n {n} (seeds 0..{n - 1}) or --seeds {seeds}, not both")
     if seeds is not None:
         try:
-            out = parse_seeds(seeds)
+            return parse_seeds(seeds)
         except ValueError as e:
             raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-49999 or 0,1,2)") from None
-        if n is not None and n != len(out):
-            raise UserError(f"--n {n} disagrees with --seeds {seeds!r} ({len(out)} seeds); give one of them")
-        return out
-    if n is None or n <= 0:
+    n = default_n if n is None else n
+    if n is None:
         raise UserError("give --n (number of images, seeds 0..n-1) or --seeds")
+    if n < 1:
+        raise UserError(f"--n {n}: give at least 1 image")
     return list(range(n))
+
+
+class SampleFormat(StrEnum):
+    png = "png"
+    npz = "npz"
+    both = "both"
+
+
+class TeacherSampler(StrEnum):
+    auto = "auto"
+    heun = "heun"
+    euler = "euler"
+    ddpm = "ddpm"
 
 
 @app.command()
 @handles_errors
 def sample(
-    source: Annotated[Path | None, typer.Argument(help="A run directory or an exported generator directory.")] = None,
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="A run directory or an exported generator (default: the newest finished run in runs/)."),
+    ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("samples"),
     n: Annotated[int | None, typer.Option("--n", help="Number of images (seeds 0..n-1).")] = None,
     seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0-49999 or 0,5,7 (one image per seed).")] = None,
-    batch: Annotated[int, typer.Option(help="Images per forward pass (does not change the pixels).")] = 256,
+    batch: Annotated[int, typer.Option(min=1, help="Images per forward pass (does not change the pixels).")] = 256,
     steps: Annotated[
         int | None,
-        typer.Option(help="Sampler steps (default: the generator's trained count; teacher: 18 Heun/Euler, all DDPM)."),
+        typer.Option(
+            min=1, help="Sampler steps (default: the generator's trained count; teacher: 18 Heun/Euler, all DDPM)."
+        ),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="png (sub-folders of 1000), npz ([N,H,W,C] uint8) or both.")
-    ] = "png",
+        SampleFormat, typer.Option("--format", help="png (sub-folders of 1000), npz ([N,H,W,C] uint8) or both.")
+    ] = SampleFormat.png,
     class_label: Annotated[
         int | None, typer.Option("--class", help="Fixed class label (default: random per seed).")
     ] = None,
@@ -191,41 +291,47 @@ def sample(
     teacher: Annotated[
         Path | None, typer.Option(help="Sample the teacher named by this distillation recipe instead.")
     ] = None,
-    sampler: Annotated[str, typer.Option(help="Teacher sampler: auto, heun, euler or ddpm.")] = "auto",
+    sampler: Annotated[TeacherSampler, typer.Option(help="Teacher sampler.")] = TeacherSampler.auto,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     keep_float: Annotated[
         bool, typer.Option(help="Also store the unclipped float32 images in samples.npz (arr_float).")
     ] = False,
+    threads: ThreadsOpt = "auto",
 ):
     """Generate images, each a pure function of its seed; re-running resumes finished shards.
 
     Examples: emdctl sample runs/cifar10 --n 50000 --format npz;
     emdctl sample --teacher recipes/mnist.yaml --steps 1000 --n 64 --out teacher-samples
     """
+    seed_list = _seeds(seeds, n)
+    _out_dir(out_dir)
+    n_threads = _threads(threads)
+    if source is not None and teacher is not None:
+        raise UserError(f"give a source ({source}) or --teacher {teacher}, not both")
     from .sampling import sample_command
 
-    if sampler not in ("auto", "heun", "euler", "ddpm"):
-        raise UserError(f"--sampler {sampler!r}: allowed values are auto, heun, euler, ddpm")
-    if steps is not None and steps < 1:
-        raise UserError("--steps must be at least 1")
     summary = sample_command(
-        source,
-        teacher,
-        _seeds(seeds, n),
-        out_dir,
-        batch,
-        steps,
-        fmt,
-        class_label,
-        ema,
-        sampler,
-        device,
+        source=source,
+        teacher_recipe=teacher,
+        seeds=seed_list,
+        out_dir=out_dir,
+        batch=batch,
+        steps=steps,
+        fmt=fmt.value,
+        class_label=class_label,
+        use_ema=ema,
+        sampler=sampler.value,
+        device_name=device,
         keep_float=keep_float,
+        threads=n_threads,
+        log=lambda m: err.print(m, markup=False, highlight=False),
     )
     rate = summary.get("images_per_s")
     out.print(
         f"{summary['images']} images in {out_dir}" + (f" ({rate:.1f} img/s)" if rate else " (all shards were done)")
     )
+    if summary.get("preview"):
+        out.print(f"preview: {summary['preview']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,54 +363,104 @@ def export(
 
 
 FeaturesOpt = Annotated[
-    str, typer.Option(help="Feature space: inception, or classifier:PATH (offline, emdctl-trained).")
+    str | None,
+    typer.Option(
+        help="Feature space: inception, or classifier:PATH (offline, emdctl-trained); default: the run's recipe's "
+        "evaluation.features, else inception."
+    ),
 ]
 WeightsOpt = Annotated[Path | None, typer.Option(help="Inception-v3 weights file (torch-fidelity's or pytorch-fid's).")]
+SourceArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="A run/generator directory (ONNX/TorchScript exports too), image folder, npz, EDM zip or MNIST idx "
+        "(default: the newest finished run in runs/)."
+    ),
+]
 
 
 def _metric_command(metric: str):
     def command(
-        source: Annotated[
-            Path, typer.Argument(help="A run/generator directory, image folder, npz, EDM zip or MNIST idx.")
-        ],
+        source: SourceArg = None,
         ref: Annotated[
-            Path | None, typer.Option(help="Reference: a dataset or statistics from `evaluate ref`.")
+            Path | None,
+            typer.Option(
+                help="Reference: a dataset or statistics from `evaluate ref`; required unless the run's recipe "
+                "names evaluation.reference."
+            ),
         ] = None,
-        features: FeaturesOpt = "inception",
+        ref_n: Annotated[
+            int | None,
+            typer.Option("--ref-n", min=1, help="Use the first N images of a reference dataset (default: all)."),
+        ] = None,
+        features: FeaturesOpt = None,
         n: Annotated[
-            int, typer.Option("--n", help="Samples per seed range (generators) or images used (datasets).")
+            int,
+            typer.Option(
+                "--n", min=1, help="Samples per seed range (generators), images used (datasets, the reference too)."
+            ),
         ] = 50000,
         seeds: Annotated[
             list[str] | None, typer.Option(help="Seed ranges (repeatable; min and mean reported).")
         ] = None,
-        batch: Annotated[int, typer.Option(help="Batch size.")] = 256,
+        batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 256,
         steps: Annotated[
-            int | None, typer.Option(help="Sampler steps of the generator (default: its trained count).")
+            int | None, typer.Option(min=1, help="Sampler steps of the generator (default: its trained count).")
         ] = None,
         ema: Annotated[bool, typer.Option(help="Use a run's EMA weights.")] = True,
         inception_weights: WeightsOpt = None,
         device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
         json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+        threads: ThreadsOpt = "auto",
     ):
+        ranges = [_seeds(s, None) for s in seeds] if seeds else None
+        _new_file(json_out, "--json")
+        n_threads = _threads(threads)
         from .evaluation.report import evaluate_and_report
 
-        ranges = [_seeds(s, None) for s in seeds] if seeds else None
         evaluate_and_report(
-            [metric], source, ref, features, n, ranges, batch, device, steps, inception_weights, ema, json_out, out
-        )
+            [metric], source, ref, features, n, ranges, batch, device, steps, inception_weights, ema, json_out, out,
+            threads=n_threads, ref_n=ref_n,
+        )  # fmt: skip
 
     command.__doc__ = {
         "fid": "Frechet distance (FID in the Inception space) against a reference.",
         "kid": "Kernel Inception Distance (polynomial-kernel MMD) against a reference.",
-        "isc": "Inception Score of the samples.",
         "prc": "Precision and recall (k-NN manifolds, k=3) against a reference.",
         "all": "FID, KID, IS and precision/recall in one pass over the features.",
     }[metric]
     return handles_errors(command)
 
 
-for _metric in ("fid", "kid", "isc", "prc", "all"):
+for _metric in ("fid", "kid", "prc", "all"):
     evaluate_app.command(_metric)(_metric_command(_metric))
+
+
+@evaluate_app.command("isc")
+@handles_errors
+def evaluate_isc(
+    source: SourceArg = None,
+    features: FeaturesOpt = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples per seed range (generators) or images used.")] = 50000,
+    seeds: Annotated[list[str] | None, typer.Option(help="Seed ranges (repeatable; min and mean reported).")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 256,
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampler steps of the generator.")] = None,
+    ema: Annotated[bool, typer.Option(help="Use a run's EMA weights.")] = True,
+    inception_weights: WeightsOpt = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    threads: ThreadsOpt = "auto",
+):
+    """Inception Score of the samples (no reference)."""
+    ranges = [_seeds(s, None) for s in seeds] if seeds else None
+    _new_file(json_out, "--json")
+    n_threads = _threads(threads)
+    from .evaluation.report import evaluate_and_report
+
+    evaluate_and_report(
+        ["isc"], source, None, features, n, ranges, batch, device, steps, inception_weights, ema, json_out, out,
+        threads=n_threads,
+    )  # fmt: skip
 
 
 @evaluate_app.command("ref")
@@ -317,23 +473,28 @@ def evaluate_ref(
     batch: Annotated[int, typer.Option(help="Batch size.")] = 256,
     inception_weights: WeightsOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: ThreadsOpt = "auto",
 ):
     """Compute and cache reference statistics (mu, sigma and features) of a dataset."""
-    from .distributed import resolve_device
-    from .evaluation.fidelity import features_of_dataset, open_feature_space, reference_from_features, save_reference
-
     if out_file.suffix != ".safetensors":
         raise UserError(f"--out {out_file}: reference statistics are written as .safetensors")
+    _new_file(out_file, "--out")
+    if n is not None and n < 1:
+        raise UserError(f"--n {n}: give at least 1 image")
+    n_threads = _threads(threads)
     from .data import open_dataset
+    from .distributed import resolve_device
+    from .evaluation.fidelity import open_feature_space, reference_of_dataset, save_reference
+    from .threads import cpu_threads
 
-    fs = open_feature_space(features, inception_weights, resolve_device(device))
+    dev = resolve_device(device)
+    fs = open_feature_space(features or "inception", inception_weights, dev)
     ds = open_dataset(dataset, use_labels=False)
     used = min(len(ds), n or len(ds))
-    ref = reference_from_features(
-        features_of_dataset(fs, ds, batch, n, "reference"), fs, {"dataset": str(dataset), "images": used}
-    )
+    with cpu_threads(n_threads, False, dev):
+        ref = reference_of_dataset(fs, ds, dataset, batch, used)
     save_reference(ref, out_file)
-    out.print(f"wrote {out_file} ({used:,} images, {fs.label})")
+    out.print(f"wrote {out_file} ({used:,} of {len(ds):,} images, {fs.label})")
 
 
 @evaluate_app.command("train-features")
@@ -349,36 +510,51 @@ def evaluate_train_features(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
     """Train the offline classifier feature space (registered with torch-fidelity as emdctl-classifier)."""
-    from .distributed import resolve_device
-    from .evaluation.classifier import train_feature_net
-
     if epochs < 1 or batch < 1 or lr <= 0:
         raise UserError("--epochs and --batch must be positive and --lr above zero")
+    _new_file(out_file, "--out")
+    from .distributed import resolve_device
+    from .evaluation.classifier import WEAK_ACCURACY, train_feature_net
+
     info = train_feature_net(
-        data, out_file, epochs, batch, lr, seed, str(resolve_device(device)), max_images, log=lambda m: out.print(m)
+        data, out_file, epochs, batch, lr, seed, str(resolve_device(device)), max_images, log=lambda m: err.print(m)
     )
     out.print(
         f"wrote {info['path']} (held-out accuracy {info['held_out_accuracy']:.4f}); distances in this space "
         "compare models with each other, not with published FID"
     )
+    if info["held_out_accuracy"] < WEAK_ACCURACY:
+        err.print(
+            f"[yellow]warning: held-out accuracy {info['held_out_accuracy']:.2f} is below {WEAK_ACCURACY}: features "
+            f"that do not tell the classes apart make weak distances; train on more images or for more --epochs[/]"
+        )
 
 
 @evaluate_app.command("modes")
 @handles_errors
 def evaluate_modes(
     sources: Annotated[list[Path], typer.Argument(help="Run or generator directories of a mixture distillation.")],
-    n: Annotated[int, typer.Option("--n", help="Samples per generator.")] = 20000,
-    seeds: Annotated[str | None, typer.Option(help="Seeds (default 0..n-1).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Samples per generator (seeds 0..n-1; default 20000).")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Seeds (instead of --n).")] = None,
     plot: Annotated[
-        Path | None, typer.Option(help="Write a scatter plot per source here (PNG, one per source).")
+        Path | None, typer.Option(help="Write a scatter plot here (PNG; with several sources, NAME-1.png, ...).")
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
     ema: Annotated[bool, typer.Option(help="Use a run's EMA weights (--no-ema: the raw generator).")] = True,
+    within: Annotated[
+        float, typer.Option(min=0.5, max=10.0, help="A sample counts for a mode within this many of its scales.")
+    ] = 3.0,
+    threads: ThreadsOpt = "auto",
 ):
-    """Per-mode mass, its total variation to the true weights, mode recall and sliced Wasserstein (mixtures)."""
+    """Per-mode mass within 3 scales of each mode, its total variation to the exact mixture's, mode
+    recall, off-mode mass, mode spread and sliced Wasserstein (mixtures)."""
+    seed_list = _seeds(seeds, n, default_n=20000)
+    _new_file(plot, "--plot")
+    _new_file(json_out, "--json")
+    n_threads = _threads(threads)
     from .evaluation.report import modes_and_report
 
-    modes_and_report(sources, _seeds(seeds, n), plot, json_out, out, use_ema=ema)
+    modes_and_report(sources, seed_list, plot, json_out, out, use_ema=ema, within=within, threads=n_threads)
 
 
 @evaluate_app.command("stats")
@@ -395,6 +571,7 @@ def evaluate_stats(
     ] = False,
 ):
     """Pixel statistics: brightness, contrast and the fraction of flat (degenerate) images."""
+    _new_file(json_out, "--json")
     from rich.table import Table
 
     from .distributed import resolve_device
@@ -414,6 +591,7 @@ def evaluate_stats(
     out.print(table)
     if json_out:
         atomic_write_json(json_out, stats)
+        out.print(f"wrote {json_out}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +632,7 @@ def demo_mixture_cmd(
 ):
     """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
     from .demo import demo_mixture, demo_mixture_seeds, mixture_base
-    from .rng import parse_seeds
+    from .seeds import parse_seeds
 
     if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
         raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
@@ -569,11 +747,19 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed warm-up calls (compilation happens here).")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     sections: Annotated[
-        str, typer.Option(help="Comma-separated subset of forward,backward,emd,langevin,sample.")
+        str,
+        typer.Option(
+            help="Comma-separated subset of forward,backward,emd,langevin,sample, or shared-cpu: the default "
+            "recipe with torch's thread defaults and with emdctl's policy, on idle cores and beside a CPU-bound "
+            "process (about 2 minutes on 2 cores)."
+        ),
     ] = "forward,backward,emd,langevin,sample",
     compare_unfused: Annotated[
         bool, typer.Option(help="Also time the EMD rows with the fused update off, in the same run (GPU).")
     ] = False,
+    shared_images: Annotated[
+        str, typer.Option(help="Images of the default recipe per run of the shared-cpu section (e.g. 200k).")
+    ] = "200k",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
 ):
     """Throughput of forward, forward+backward, an EMD-K iteration, its Langevin loop and one-step
@@ -598,6 +784,8 @@ def bench(
         warmup,
         tuple(s.strip() for s in sections.split(",") if s.strip()),
         compare_unfused,
+        shared_images=_budget(shared_images, "--shared-images"),
+        log=lambda m: err.print(m, markup=False),
     )
     info = res["info"]
     table = Table(
@@ -632,6 +820,9 @@ def bench(
 
 def main() -> None:
     """Console-script entry point."""
+    # Before torch is imported: idle OpenMP threads sleep instead of spinning, so a run does not
+    # collapse on cores that other processes use (emdctl.threads); the environment can still set it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except KeyboardInterrupt:

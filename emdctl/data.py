@@ -115,15 +115,42 @@ class FolderDataset(ImageDataset):
 
     def __init__(self, path: Path, max_images=None, use_labels=True):
         super().__init__(path, max_images)
-        files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXT and not p.name.startswith("."))
+        # Hidden files and folders (.preview/ of `emdctl sample`, .shards/) hold no samples.
+        files = sorted(
+            p
+            for p in self.path.rglob("*")
+            if p.suffix.lower() in IMAGE_EXT
+            and not any(part.startswith(".") for part in p.relative_to(self.path).parts)
+        )
         self.files = files
         self._limit(len(files))
+        self._check_one_size()
         meta = self.path / "dataset.json"
         if use_labels and meta.is_file():
             table = dict(json.loads(meta.read_text()).get("labels") or [])
             rel = [f.relative_to(self.path).as_posix() for f in files]
             if table and all(r in table for r in rel):
                 self.labels = np.asarray([table[r] for r in rel], dtype=np.int64)
+
+    def _check_one_size(self) -> None:
+        """Every image the same size and channel count (read from the headers only), so that a stray
+        file (an old preview grid, a thumbnail) is named up front instead of breaking a batch."""
+        first = None
+        for f in self.files[: len(self)]:
+            try:
+                with Image.open(f) as im:
+                    key = (im.size, 1 if im.mode == "L" else 3)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for bad images
+                raise UserError(f"{f}: not a readable image ({e.__class__.__name__})") from None
+            if first is None:
+                first = (f, key)
+            elif key != first[1]:
+                (w0, h0), c0 = first[1]
+                (w, h), c = key
+                raise UserError(
+                    f"{self.path}: images of different sizes ({first[0].name}: {c0}x{h0}x{w0}, {f}: {c}x{h}x{w}); "
+                    "an image folder holds one size: move the odd files out"
+                )
 
     def image(self, i):
         return _decode(self.files[i].read_bytes(), str(self.files[i]))

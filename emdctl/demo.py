@@ -351,17 +351,17 @@ def demo_loop(
 
     console.print(f"teacher samples: {n} at {teacher_steps} steps")
     sample_command(
-        None,
-        recipe_file,
-        list(range(n)),
-        out / "teacher-samples",
-        256,
-        teacher_steps,
-        "npz",
-        None,
-        True,
-        "auto",
-        device,
+        source=None,
+        teacher_recipe=recipe_file,
+        seeds=list(range(n)),
+        out_dir=out / "teacher-samples",
+        batch=256,
+        steps=teacher_steps,
+        fmt="npz",
+        class_label=None,
+        use_ema=True,
+        sampler="auto",
+        device_name=device,
         show_progress=True,
         keep_float=shift_background,
     )

@@ -8,6 +8,11 @@
   followed by the unit noise of each later step (z_size = steps x image size), so the exported
   sampler is a function of its inputs alone. ONNX files are checked against torch with
   onnxruntime when it is installed.
+
+`ExportedGenerator` reads an ONNX or TorchScript export back, so `emdctl sample` and `emdctl
+evaluate` take those directories like a safetensors export (the same pixels per seed, within the
+runtimes' rounding). A TorchScript file is a program: it is loaded only when its sha256 matches the one
+its export recorded in config.json.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import nn
 from .errors import UserError
 from .generator import OneStepGenerator
 from .sampling import open_generator
-from .storage import atomic_path, atomic_write_json
+from .storage import atomic_path, atomic_write_json, sha256_file
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 
@@ -151,5 +156,71 @@ def export_command(source: Path, fmt: str, out: Path, use_ema: bool = True) -> d
         with atomic_path(path) as tmp:
             traced.save(str(tmp))
         info["file"] = path.name
+    info["file_sha256"] = sha256_file(path)
     atomic_write_json(out / "config.json", info)
     return {"path": str(path), **({"verified": info.get("verified")} if fmt == "onnx" else {})}
+
+
+class ExportedGenerator(nn.Module):
+    """An ONNX or TorchScript export read back, with OneStepGenerator's sampling interface: its
+    trained step count only; images come back as uint8 (what the export computes), vectors as float."""
+
+    def __init__(self, directory: Path, config: dict):
+        super().__init__()
+        self.directory, self.config = Path(directory), config
+        try:
+            self.img_shape = tuple(int(v) for v in config["z_shape"])
+            self.label_dim = int(config.get("num_classes") or 0)
+            self.steps = int(config["steps"])
+            self.levels, self.sampler = list(config["levels"]), config.get("sampler", "renoise")
+            self.sigma_star = float(config["sigma_star"])
+            file = self.directory / str(config["file"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{self.directory / 'config.json'}: not a complete export config ({e})") from None
+        if not file.is_file():
+            raise UserError(f"{file}: missing; re-export the generator")
+        want = config.get("file_sha256")
+        if want is None or sha256_file(file) != want:
+            raise UserError(f"{file}: its sha256 does not match config.json's file_sha256; re-export the generator")
+        if file.suffix == ".onnx":
+            try:
+                import onnxruntime
+            except ImportError:
+                raise UserError(f"{file}: reading ONNX needs onnxruntime; pip install 'emdctl[onnx]'") from None
+            self._session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+            self._module = None
+        else:
+            self._session = None
+            try:
+                self._module = torch.jit.load(str(file), map_location="cpu").eval()
+            except (RuntimeError, ValueError) as e:
+                raise UserError(f"{file}: not a readable TorchScript export ({str(e).splitlines()[0][:120]})") from None
+        self._device = torch.device("cpu")
+
+    def to(self, device=None, *args, **kwargs):
+        self._device = torch.device(device) if device is not None else self._device
+        return self
+
+    def sampling_levels(self, steps: int | None = None) -> list[float]:
+        if steps is not None and steps != self.steps:
+            raise UserError(
+                f"{self.directory}: an exported generator samples with its trained {self.steps} step(s) only; "
+                f"drop --steps or sample the run directory"
+            )
+        return self.levels
+
+    @torch.no_grad()
+    def sample(self, z, labels=None, steps: int | None = None, rng=None, noises=None):
+        self.sampling_levels(steps)
+        if noises is None:
+            noises = [rng.randn(tuple(z.shape[1:])) for _ in self.levels[1:]] if self.steps > 1 else []
+        flat = torch.cat([z.cpu().flatten(1)] + [n.cpu().flatten(1) for n in noises], dim=1).float()
+        idx = labels.argmax(1).cpu() if labels is not None else None
+        if self._session is not None:
+            feeds = {"z": flat.numpy()}
+            if idx is not None:
+                feeds["labels"] = idx.numpy()
+            x = torch.from_numpy(self._session.run(None, feeds)[0])
+        else:
+            x = self._module(flat, idx) if idx is not None else self._module(flat)
+        return x.to(self._device)

@@ -70,16 +70,16 @@ def _verify(path: Path, expected: str | None) -> None:
         atomic_write(record, f"{actual}  {path.name}\n")
 
 
-def fetch(url: str, sha256: str | None = None, what: str = "file") -> Path:
+def fetch(url: str, sha256: str | None = None, what: str = "file", local: str | None = None) -> Path:
     """Return the local path of `url`, downloading it into the cache on first use. `sha256` is the
-    expected digest or a prefix of it."""
+    expected digest or a prefix of it; `local` names the recipe field or option that takes a local
+    copy instead (said in the error when the file cannot be had)."""
     path = cached_path_for(url)
     if path.is_file():
         _verify(path, sha256)
         return path
-    hint = (
-        f"download {url} on a machine with internet access and put it at {path} (or point the recipe at a local copy)"
-    )
+    instead = f", or set {local} to a local copy" if local else ""
+    hint = f"download {url} on a machine with internet access and put it at {path}{instead}"
     if offline():
         raise UserError(f"the {what} is not in the cache and EMDCTL_OFFLINE is set: {hint}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,18 +52,31 @@ class _Axes:
     def frame(self, font, title=None, xlabel=None):
         x0, y0, x1, y1 = self.box
         self.draw.rectangle(self.box, outline=(0, 0, 0))
-        for v in _ticks(*self.xlim):
+        for v, label in _labelled(_ticks(*self.xlim)):
             px, _ = self.px(v, self.ylim[0])
             self.draw.line([(px, y1), (px, y1 + 4)], fill=(0, 0, 0))
-            self.draw.text((px - 12, y1 + 6), _fmt(v), fill=(0, 0, 0), font=font)
-        for v in _ticks(*self.ylim):
+            self.draw.text((px - 12, y1 + 6), label, fill=(0, 0, 0), font=font)
+        for v, label in _labelled(_ticks(*self.ylim)):
             _, py = self.px(self.xlim[0], v)
             self.draw.line([(x0 - 4, py), (x0, py)], fill=(0, 0, 0))
-            self.draw.text((x0 - 56, py - 6), _fmt(v), fill=(0, 0, 0), font=font)
+            self.draw.text((x0 - 56, py - 6), label, fill=(0, 0, 0), font=font)
         if title:
             self.draw.text((x0, y0 - 16), title, fill=(0, 0, 0), font=font)
         if xlabel:
             self.draw.text(((x0 + x1) / 2 - 20, y1 + 20), xlabel, fill=(0, 0, 0), font=font)
+
+
+def _value_range(ys: list[float]) -> tuple[float, float]:
+    """The y-range of a panel. A series that is constant up to float rounding (spread below 1e-9 of
+    its size) is drawn as a flat line in the middle of a range around its value, not as a jump
+    across a range of rounding noise."""
+    lo, hi = min(ys), max(ys)
+    scale = max(abs(lo), abs(hi), 1e-12)
+    if hi - lo <= 1e-9 * scale:
+        mid = (lo + hi) / 2
+        pad = abs(mid) * 0.5 if mid != 0 else 1.0
+        return mid - pad, mid + pad
+    return lo, hi
 
 
 def _ticks(lo, hi, n=5):
@@ -76,6 +89,16 @@ def _ticks(lo, hi, n=5):
             break
     start = math.ceil(lo / step) * step
     return [start + i * step for i in range(int((hi - start) / step) + 1)]
+
+
+def _labelled(ticks: list[float]) -> list[tuple[float, str]]:
+    """Tick labels, with more digits where the short form would repeat a label."""
+    labels = [_fmt(v) for v in ticks]
+    digits = 4
+    while len(set(labels)) < len(labels) and digits < 16:
+        labels = [f"{v:.{digits}g}" for v in ticks]
+        digits += 1
+    return list(zip(ticks, labels, strict=True))
 
 
 def _fmt(v):
@@ -95,8 +118,11 @@ def save_scatter(
     means=None,
     title: str | None = None,
     size: int = 560,
+    radii=None,
+    legend: tuple[str, str, str] | None = None,
 ) -> None:
-    """2-D samples (blue) over reference samples (grey) and mode centres (red crosses)."""
+    """2-D samples (blue) over reference samples (grey) and mode centres (red crosses), with a
+    circle of radius radii[k] around mode k when given; `legend` names the three."""
     pts = points.detach().float().cpu()
     allpts = pts if reference is None else torch.cat([pts, reference.float()])
     finite = allpts[torch.isfinite(allpts).all(1)]
@@ -105,7 +131,8 @@ def save_scatter(
     span = float((hi - lo).max()) * 1.1 + 1e-6
     mid = (lo + hi) / 2
     lim = [(float(mid[i]) - span / 2, float(mid[i]) + span / 2) for i in range(2)]
-    img = Image.new("RGB", (size + 70, size + 50), "white")
+    legend_h = 14 * len(legend) + 8 if legend is not None else 0
+    img = Image.new("RGB", (size + 70, size + 50 + legend_h), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     ax = _Axes(draw, (64, 24, 64 + size - 20, 24 + size - 20), lim[0], lim[1])
@@ -117,11 +144,19 @@ def save_scatter(
         if math.isfinite(x) and math.isfinite(y):
             px, py = ax.px(x, y)
             draw.ellipse([px - 1, py - 1, px + 1, py + 1], fill=PALETTE[0])
-    for m in means if means is not None else []:
+    for i, m in enumerate(means if means is not None else []):
         px, py = ax.px(float(m[0]), float(m[1]))
         draw.line([(px - 5, py - 5), (px + 5, py + 5)], fill=PALETTE[1], width=2)
         draw.line([(px - 5, py + 5), (px + 5, py - 5)], fill=PALETTE[1], width=2)
+        if radii is not None:
+            rx = abs(ax.px(float(m[0]) + radii[i], float(m[1]))[0] - px)
+            draw.ellipse([px - rx, py - rx, px + rx, py + rx], outline=PALETTE[1], width=1)
     ax.frame(font, title)
+    if legend is not None:  # below the axes, where it hides no sample
+        x0, y0 = 64, size + 50
+        for j, (label, colour) in enumerate(zip(legend, (PALETTE[0], (150, 150, 150), PALETTE[1]), strict=True)):
+            draw.rectangle([x0, y0 + 14 * j + 2, x0 + 8, y0 + 14 * j + 10], fill=colour)
+            draw.text((x0 + 14, y0 + 14 * j), label, fill=(0, 0, 0), font=font)
     _save(img, Path(path))
 
 
@@ -144,9 +179,7 @@ def save_curves(records: list[dict], keys: list[str], path: Path, x_key: str = "
         r_, c_ = divmod(i, cols)
         ox, oy = c_ * w, r_ * h
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ylo, yhi = min(ys), max(ys)
-        if yhi == ylo:
-            ylo, yhi = ylo - 1, yhi + 1
+        ylo, yhi = _value_range(ys)
         ax = _Axes(
             draw,
             (ox + 60, oy + 24, ox + w - 16, oy + h - 40),

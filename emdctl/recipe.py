@@ -233,7 +233,9 @@ class Langevin(Strict):
     z_step_scaling: Literal["sigma2", "none"] = "sigma2"
     cancel_noise: bool = True
     cancel_noise_z: bool = False
-    prior_pull: bool = True
+    # Keeping the -gamma eps prior pull in the M-step's direction adds zero-mean noise of size
+    # gamma K eps^0 to it; measured clearly worse (README, "The algorithm, as implemented").
+    prior_pull: bool = False
     fused_update: Literal["off", "on"] = "on"  # used on CUDA with Triton when gamma_z = 0 (README "Performance")
 
 
@@ -347,9 +349,10 @@ Method = Annotated[
 
 
 class FakeScore(Strict):
-    """The fake score: initialized from the teacher, trained by DSM on detached generator samples."""
+    """The fake score: initialized from the teacher, trained by DSM on detached generator samples.
+    noise_levels: by default the method's (the fake score is then trained where the method uses it)."""
 
-    noise_levels: NoiseLevels = NoiseLevels()
+    noise_levels: NoiseLevels | None = None
     steps_per_iteration: PositiveInt = 1
     arch_overrides: dict[str, Any] = Field(default_factory=dict)
 
@@ -429,6 +432,9 @@ class _RunCommon(Strict):
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU intra-op threads: 'auto' is 1 for vector data (small MLPs), torch's default for images
+    # (emdctl.threads); results are the same at any count.
+    threads: Literal["auto"] | PositiveInt = "auto"
     batch: Batch = Batch()
     duration: PositiveImageCount = 1_000_000
     ema: EMA = EMA()
@@ -444,6 +450,14 @@ _NO_PERIODIC_EVAL = (
 )
 
 
+class EvaluationSpec(Strict):
+    """What `emdctl evaluate fid|kid|prc|all RUN` uses when the command line does not say: the
+    reference (a dataset or statistics from `emdctl evaluate ref`) and the feature space."""
+
+    reference: Path | None = None
+    features: str | None = Field(default=None, pattern=r"^(inception|classifier:.+)$")
+
+
 class DistillRecipe(_RunCommon):
     kind: Literal["distill"] = "distill"
     teacher: Teacher
@@ -451,6 +465,15 @@ class DistillRecipe(_RunCommon):
     method: Method
     fake_score: FakeScore = FakeScore()
     optim: Optim = Optim()
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    @model_validator(mode="after")
+    def _fake_score_levels_default_to_the_method(self):
+        # Runs first (validators run in order): the checks below see the resolved levels.
+        if self.fake_score.noise_levels is None:
+            own = getattr(self.method, "noise_levels", None)
+            self.fake_score.noise_levels = own.model_copy() if own is not None else NoiseLevels()
+        return self
 
     @model_validator(mode="after")
     def _moment_matching_levels_below_sigma_star(self):

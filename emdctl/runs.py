@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .recipe import dump_recipe, recipe_to_dict
+from .recipe import dump_recipe, parse_recipe, recipe_to_dict
 from .storage import atomic_write
 
 
@@ -36,9 +36,20 @@ def _flatten(d, prefix=""):
     return out
 
 
+# Fields that change no result: a run may be resumed with another value.
+RESULT_NEUTRAL = {"threads"}
+
+
 def recipe_differences(old: dict, new: dict) -> list[str]:
+    """The fields whose values differ. The old recipe is first resolved by the current schema, so a
+    field added to emdctl since the run started is no difference while it keeps its default."""
+    try:
+        old = recipe_to_dict(parse_recipe(old, "the run's recipe.yaml"))
+    except UserError:
+        pass  # written by another version that this one cannot read: compare as written
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '-')!r} -> {b.get(k, '-')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys = sorted((set(a) | set(b)) - RESULT_NEUTRAL)
+    return [f"{k}: {a.get(k, '-')!r} -> {b.get(k, '-')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 class RunDir:
@@ -54,14 +65,25 @@ class RunDir:
     def metrics_file(self) -> Path:
         return self.root / "metrics.jsonl"
 
+    @property
+    def lock_file(self) -> Path:
+        """Beside the directory, not in it: `--force` moves the directory aside while holding it."""
+        return self.root.parent / f".{self.root.name}.lock"
+
     def lock(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise UserError(f"{self.root}: another emdctl process is using this run directory") from None
+            raise UserError(
+                f"{self.root}: another emdctl process (pid {holder}) is using this run directory; "
+                "wait for it or stop it (Ctrl-C, or kill -TERM PID: it checkpoints first)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -95,10 +117,10 @@ class RunDir:
             atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def prepare(recipe, run_dir: Path | None, runs_root: Path, resume: bool = False, force: bool = False) -> RunDir:
-    """Create or reopen the run directory for `recipe`, enforcing the resume rules."""
-    root = Path(run_dir) if run_dir is not None else Path(runs_root) / recipe.name
-    run = RunDir(root)
+def prepare(recipe, run: RunDir, resume: bool = False, force: bool = False) -> RunDir:
+    """Create or reopen the run directory for `recipe`, enforcing the resume rules. The caller holds
+    the run's lock (RunDir.lock), so nothing here races another process."""
+    root = run.root
     new = recipe_to_dict(recipe)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a directory")

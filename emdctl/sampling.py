@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .errors import UserError
 from .generator import OneStepGenerator, generator_from_config, load_generator
 from .plots import save_image_grid, save_scatter, to_uint8
+from .progress import Progress
 from .rng import PerSeedRandom
 from .storage import atomic_path, atomic_write_json
 
@@ -58,7 +58,16 @@ def open_generator(source: Path, use_ema: bool = True) -> tuple[OneStepGenerator
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source}: no such run or model directory")
+    if not source.is_dir():
+        raise UserError(f"{source}: not a directory; give a run directory or an exported generator directory")
     if (source / "config.json").is_file():
+        from .storage import read_json
+
+        config = read_json(source / "config.json", "model config")
+        if config.get("format") == "emdctl-export":  # an ONNX or TorchScript export
+            from .export import ExportedGenerator
+
+            return ExportedGenerator(source, config), config
         return load_generator(source)
     if use_ema and (source / "generator" / "config.json").is_file():
         return load_generator(source / "generator")
@@ -109,7 +118,21 @@ def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) 
     return fn, {"img_shape": list(den.img_shape), "label_dim": den.label_dim, "data": data, "teacher": teacher.source}
 
 
+def newest_finished_run(runs_root: Path = Path("runs")) -> Path:
+    """The run under runs_root that finished last (its summary.json and generator/ written)."""
+    done = [p.parent for p in Path(runs_root).glob("*/summary.json") if (p.parent / "generator").is_dir()]
+    if not done:
+        raise UserError(
+            f"no source given and no finished run under {runs_root}/; give a run or model directory "
+            "(e.g. runs/default after `emdctl distill`)"
+        )
+    return max(done, key=lambda d: (d / "summary.json").stat().st_mtime)
+
+
 def generator_sampler(gen: OneStepGenerator, steps: int | None, class_label: int | None, device) -> Callable:
+    """seeds -> (samples, one-hot labels or None), each row a function of its seed: what `emdctl
+    sample` writes and what `emdctl evaluate` measures. Images are floats in [-1, 1], or uint8 from
+    an ONNX/TorchScript export (which quantizes itself)."""
     gen = gen.to(device)
 
     def fn(seeds):
@@ -123,7 +146,8 @@ def generator_sampler(gen: OneStepGenerator, steps: int | None, class_label: int
                 else torch.full((len(seeds),), class_label, device=device)
             )
             labels = torch.nn.functional.one_hot(idx, gen.label_dim).float()
-        return gen.sample(z, labels, steps=steps, rng=rng).float(), labels
+        x = gen.sample(z, labels, steps=steps, rng=rng)
+        return (x if x.dtype == torch.uint8 else x.float()), labels
 
     return fn
 
@@ -205,6 +229,8 @@ def run_sampling(
     if batch <= 0:
         raise UserError("--batch must be positive")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a directory; give a folder for the samples")
     state_dir = out_dir / ".shards"
     state_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -226,32 +252,31 @@ def run_sampling(
             todo += [(x, min(x + batch, gy)) for x in range(gx, gy, batch)]
     total = sum(b - a for a, b in blocks)
     t0 = time.time()
-    bar = tqdm(total=total, initial=total - sum(b - a for a, b in todo), unit="img", disable=not show_progress,
-               desc="sampling", dynamic_ncols=True)  # fmt: skip
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for a, b in todo:
-            part = seeds[a:b]
-            x, labels = in_chunks(fn, part)
-            x = x.cpu()
-            if is_image:
-                arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
-                if want_png:
-                    files = [out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png" for s in part]
-                    for f in [pool.submit(_write_png, path, img) for path, img in zip(files, arr, strict=True)]:
-                        f.result()
-            else:
-                arr = x.numpy().astype(np.float32)
-            if want_npz:
-                payload = {"x": arr, "seeds": np.asarray(part, dtype=np.int64)}
-                if keep_float:
-                    payload["xf"] = x.float().permute(0, 2, 3, 1).numpy()
-                if labels is not None:
-                    payload["y"] = labels.argmax(1).cpu().numpy()
-                with atomic_path(state_dir / f"part-{a:09d}-{b:09d}.npz") as tmp, open(tmp, "wb") as f:
-                    np.savez(f, **payload)
-            atomic_write_json(state_dir / f"part-{a:09d}-{b:09d}.done", {"seeds": b - a})
-            bar.update(b - a)
-    bar.close()
+    with Progress(total, "sampling", "img", enabled=show_progress) as bar:
+        bar.start_at(total - sum(b - a for a, b in todo))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for a, b in todo:
+                part = seeds[a:b]
+                x, labels = in_chunks(fn, part)
+                x = x.cpu()
+                if is_image:
+                    arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
+                    if want_png:
+                        files = [out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png" for s in part]
+                        for f in [pool.submit(_write_png, path, img) for path, img in zip(files, arr, strict=True)]:
+                            f.result()
+                else:
+                    arr = x.numpy().astype(np.float32)
+                if want_npz:
+                    payload = {"x": arr, "seeds": np.asarray(part, dtype=np.int64)}
+                    if keep_float:
+                        payload["xf"] = x.float().permute(0, 2, 3, 1).numpy()
+                    if labels is not None:
+                        payload["y"] = labels.argmax(1).cpu().numpy()
+                    with atomic_path(state_dir / f"part-{a:09d}-{b:09d}.npz") as tmp, open(tmp, "wb") as f:
+                        np.savez(f, **payload)
+                atomic_write_json(state_dir / f"part-{a:09d}-{b:09d}.done", {"seeds": b - a})
+                bar.advance(b - a)
     elapsed = time.time() - t0
     generated = sum(b - a for a, b in todo)
     summary = {"images": n, "generated_now": generated, "seconds": elapsed,
@@ -260,12 +285,15 @@ def run_sampling(
     if rank == 0 and _done_parts(state_dir) == [(0, n)]:
         if want_npz:
             summary["npz"] = str(assemble_npz(out_dir, keep_float))
-        _preview(out_dir, seeds, is_image, want_npz)
+        summary["preview"] = _preview(out_dir, seeds, is_image, want_npz)
         atomic_write_json(out_dir / "sampling.json", {**info, "seeds": [seeds[0], seeds[-1]], "n": n})
     return summary
 
 
-def _preview(out_dir: Path, seeds: list[int], is_image: bool, have_npz: bool) -> None:
+PREVIEW_DIR = ".preview"  # hidden, so that no image-folder reader takes a preview for a sample
+
+
+def _preview(out_dir: Path, seeds: list[int], is_image: bool, have_npz: bool) -> Path | None:
     if have_npz:
         with np.load(out_dir / "samples.npz") as z:
             x = torch.from_numpy(z["arr_0"][:4000])
@@ -274,9 +302,14 @@ def _preview(out_dir: Path, seeds: list[int], is_image: bool, have_npz: bool) ->
         x = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in files])
         x = x[..., None] if x.ndim == 3 else x
     if is_image:
-        save_image_grid(x[:64].permute(0, 3, 1, 2).contiguous(), out_dir / "grid.png")
-    elif x.shape[1] == 2:
-        save_scatter(x, out_dir / "scatter.png")
+        path = out_dir / PREVIEW_DIR / "grid.png"
+        save_image_grid(x[:64].permute(0, 3, 1, 2).contiguous(), path)
+        return path
+    if x.shape[1] == 2:
+        path = out_dir / PREVIEW_DIR / "scatter.png"
+        save_scatter(x, path)
+        return path
+    return None
 
 
 def _has_floats(part: Path) -> bool:
@@ -306,6 +339,7 @@ def assemble_npz(out_dir: Path, keep_float: bool = False) -> Path:
 
 
 def sample_command(
+    *,
     source: Path | None,
     teacher_recipe: Path | None,
     seeds: list[int],
@@ -319,20 +353,29 @@ def sample_command(
     device_name: str,
     show_progress: bool = True,
     keep_float: bool = False,
+    threads: str | int = "auto",
+    log=print,
 ) -> dict:
-    """What `emdctl sample` does after parsing."""
+    """What `emdctl sample` does after parsing. No source and no teacher: the newest finished run
+    under runs/ (and `log` says which)."""
     from . import distributed
+    from .threads import cpu_threads
 
     with distributed.session(device_name) as dist:
         if teacher_recipe is not None:
             fn, info = teacher_sampler(teacher_recipe, steps, sampler, dist.device)
+            is_vector = len(info["img_shape"]) == 1
         else:
             if source is None:
-                raise UserError("give a run or model directory to sample from, or --teacher RECIPE")
+                source = newest_finished_run()
+                log(f"sampling the newest finished run: {source}")
             gen, cfg = open_generator(source, use_ema)
             if class_label is not None and not (0 <= class_label < gen.label_dim):
                 raise UserError(f"--class {class_label}: the generator has {gen.label_dim} classes")
+            if keep_float and not isinstance(gen, OneStepGenerator):
+                raise UserError(f"--keep-float: {source} is an ONNX/TorchScript export, which returns quantized images")
             fn = generator_sampler(gen, steps, class_label, dist.device)
+            is_vector = len(gen.img_shape) == 1
             info = {
                 "img_shape": list(gen.img_shape),
                 "label_dim": gen.label_dim,
@@ -343,7 +386,7 @@ def sample_command(
                 "sampler": gen.sampler,
                 "ema": use_ema,
             }
-        with torch.no_grad():
+        with torch.no_grad(), cpu_threads(threads, is_vector, dist.device):
             summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
                                    show_progress and dist.is_main, dist.barrier, keep_float)  # fmt: skip
-    return summary
+    return {**summary, "source": str(source) if source is not None else str(teacher_recipe)}

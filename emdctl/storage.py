@@ -39,6 +39,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(path: Path | str, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create owner-only files (0600/0700); what emdctl writes gets the permissions
+    any other program's output gets under the user's umask (typically 0644/0755)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is fsynced and renamed onto `target`.
@@ -50,6 +62,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        as_umask_allows(tmp_path)  # after the writer: some (safetensors) replace the file they are given
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
@@ -126,6 +139,7 @@ def save_model_dir(directory: Path | str, state: dict[str, torch.Tensor], config
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    as_umask_allows(staging, directory=True)
     try:
         cfg = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **config}
         atomic_save_safetensors(staging / WEIGHTS_NAME, state, {"format": MODEL_FORMAT})

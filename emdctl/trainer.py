@@ -168,7 +168,11 @@ class Trainer:
         progress = self._progress()
         try:
             with progress:
-                task = progress.add_task("training", total=r.duration, completed=self.images) if progress else None
+                task = (
+                    progress.add_task("training", total=r.duration, completed=self.images, unit="images")
+                    if progress
+                    else None
+                )
                 while self.images < r.duration:
                     torch.manual_seed(derive_seed(r.seed, self.iteration, "torch-global"))
                     try:
@@ -304,19 +308,11 @@ class Trainer:
             (progress.console if progress else self.console).print(message, highlight=False)
 
     def _progress(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from .progress import rich_bar
 
         if not (self.recipe.logging.progress and self.dist.is_main and self.console.is_terminal):
             return _NoProgress()
-        return Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("images"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
+        return rich_bar(self.console)
 
 
 class _NoProgress:
@@ -345,22 +341,29 @@ def run_recipe(
     resume: bool = False,
     force: bool = False,
     console: Console | None = None,
+    threads: str | int | None = None,
 ) -> tuple[RunDir, dict]:
     """Everything `emdctl distill` / `emdctl teacher train` do after parsing: set up the process
-    group, the run directory and the method, then train (resuming when a checkpoint exists)."""
+    group, the run directory and the method, then train (resuming when a checkpoint exists).
+    `threads` overrides the recipe's CPU thread setting (it changes no result, so it is not part
+    of the recipe a run directory is checked against)."""
     from . import distributed, runs
     from .methods import build_method
     from .precision import configure_backends
+    from .threads import cpu_threads
 
     console = console or Console(stderr=True)
     with distributed.session(recipe.device) as dist:
         configure_backends(recipe.precision.tf32)
+        run = RunDir(Path(run_dir) if run_dir is not None else Path(runs_root) / recipe.name)
         if dist.is_main:
-            run = runs.prepare(recipe, run_dir, runs_root, resume=resume, force=force)
-            run.lock()
+            run.lock()  # before anything of the directory is read or changed: a refused command changes nothing
+            try:
+                runs.prepare(recipe, run, resume=resume, force=force)
+            except BaseException:
+                run.unlock()
+                raise
         dist.barrier()
-        if not dist.is_main:
-            run = RunDir(Path(run_dir) if run_dir is not None else Path(runs_root) / recipe.name)
         try:
             teacher = None
             if recipe.kind == "distill":
@@ -371,11 +374,15 @@ def run_recipe(
                     console.print(f"teacher: {teacher.source}", highlight=False)
                     _advise_on_level(recipe, teacher, console)
             method = build_method(recipe, dist, teacher)
-            if dist.is_main:
-                console.print(
-                    f"run directory: {run.root}  (device {dist.device}, {dist.world_size} process(es))", highlight=False
-                )
-            summary = Trainer(recipe, method, run, console).run_training()
+            is_vector = teacher is not None and not teacher.is_image
+            with cpu_threads(threads or recipe.threads, is_vector, dist.device) as described:
+                if dist.is_main:
+                    console.print(
+                        f"run directory: {run.root}  (device {dist.device}, {dist.world_size} process(es)"
+                        + (f"; {described})" if described else ")"),
+                        highlight=False,
+                    )
+                summary = Trainer(recipe, method, run, console).run_training()
         finally:
             run.unlock()
     return run, summary

@@ -196,20 +196,9 @@ def test_evaluate_a_generator_in_memory_with_seed_ranges(gray_generator, feature
     # the same images written by `emdctl sample` give the same FD
     from emdctl.sampling import sample_command
 
-    sample_command(
-        gray_generator,
-        None,
-        list(range(300)),
-        tmp_path / "s",
-        64,
-        1,
-        "npz",
-        None,
-        True,
-        "auto",
-        "cpu",
-        show_progress=False,
-    )
+    sample_command(source=gray_generator, teacher_recipe=None, seeds=list(range(300)), out_dir=tmp_path / "s",
+                   batch=64, steps=1, fmt="npz", class_label=None, use_ema=True, sampler="auto", device_name="cpu",
+                   show_progress=False)  # fmt: skip
     res2 = evaluate_command(
         ["fid"],
         tmp_path / "s" / "samples.npz",
@@ -336,35 +325,41 @@ def test_paired_comparison_against_brute_force():
 
 
 def test_mode_metrics_on_constructed_samples():
-    """Samples placed by hand: per-mode mass, TV, off-mode fraction, spread and recall are known exactly."""
+    """Samples placed by hand: per-mode mass (within 3 scales), TV, off-mode fraction, spread and
+    recall are known exactly."""
+    from emdctl.evaluation.mixture import within_probability
+
     mix = GaussianMixture(**preset_mixture("ring8-unequal"))
     g = fresh()
     counts = torch.randint(0, 400, (8,), generator=g)
-    counts[3] = 0  # an empty mode: recall 7/8
-    far = int(counts.sum()) // 10  # samples at 6 scales from a mean: off-mode, but assigned to it
-    pts, owner, radii = [], [], []
+    counts[3] = 0  # an empty mode: not recalled
+    far = int(counts.sum()) // 10  # samples at 6 scales from a mean: off-mode, in no mode's mass
+    pts, radii = [], []
     for k, c in enumerate(counts.tolist()):
         r = 0.5 * mix.scales[k] * torch.rand(c, 1, generator=g, dtype=torch.float64)  # within 0.5 scale
         a = 2 * math.pi * torch.rand(c, 1, generator=g, dtype=torch.float64)
         pts.append(mix.means[k] + r * torch.cat([a.cos(), a.sin()], 1))
-        owner += [k] * c
         radii.append(r[:, 0] / mix.scales[k])
     pts.append(mix.means[0] + 6 * mix.scales[0] * torch.tensor([[0.0, 1.0]], dtype=torch.float64).expand(far, 2))
-    owner += [0] * far
     pts.append(torch.full((5, 2), float("nan"), dtype=torch.float64))
     x = torch.cat(pts)
     n = len(x)
-    mass = torch.bincount(torch.tensor(owner), minlength=8).double() / n
+    mass = counts.double() / n
+    expected = mix.weights * (1 - math.exp(-4.5))  # P(chi_2 <= 3) = 1 - exp(-9/2)
+    assert within_probability(2, 3.0) == pytest.approx(1 - math.exp(-4.5), rel=1e-12)
     m = mode_metrics(x, mix)
     assert m["n"] == n and m["nonfinite_fraction"] == pytest.approx(5 / n)
     assert m["mode_mass"] == pytest.approx(mass.tolist(), abs=1e-5)
-    tv = 0.5 * float((mass - mix.weights).abs().sum()) + 0.5 * 5 / n  # the non-finite samples are mass nowhere
+    assert m["expected_mass"] == pytest.approx(expected.tolist(), abs=1e-5)
+    off = (far + 5) / n  # the far and the non-finite samples are mass of no mode
+    assert m["off_mode_fraction"] == pytest.approx(off, abs=1e-12)
+    tv = 0.5 * (float((mass - expected).abs().sum()) + abs(off - math.exp(-4.5)))
     assert m["tv_distance"] == pytest.approx(tv, abs=1e-12)
-    assert m["off_mode_fraction"] == pytest.approx(far / n)
     rms = float(torch.cat(radii).square().mean().div(2).sqrt())  # the far samples are not inliers
     assert m["mode_spread"] == pytest.approx(rms / math.sqrt((1 - 9 * math.exp(-8)) / (1 - math.exp(-8))), rel=1e-9)
-    expected_recall = float((counts.double() >= 0.1 * mix.weights * n).double().mean())
-    assert m["mode_recall"] == pytest.approx(expected_recall)
+    expected_recall = float((mass >= 0.5 * expected).double().mean())
+    assert m["mode_recall"] == pytest.approx(expected_recall) and m["mode_recall"] <= 7 / 8
+    assert m["modes_covered"] == int((mass >= 0.5 * expected).sum())
 
 
 def test_mode_spread_against_exact_samples_and_shrunk_copies():

@@ -150,7 +150,9 @@ def test_moment_matching_levels_above_sigma_star_are_refused():
         UserError, match=r"method\.noise_levels\.sigma_max \(80\) must not exceed the generator's sigma\* \(2\.5\)"
     ):
         parse_recipe(data, "test")
-    data["method"]["noise_levels"]["sigma_max"] = 2.5  # the fake score's default (lognormal up to 80) is next
+    data["method"]["noise_levels"]["sigma_max"] = 2.5
+    assert parse_recipe(data, "test").fake_score.noise_levels.sigma_max == 2.5  # by default the method's levels
+    data["fake_score"] = {"noise_levels": {"dist": "lognormal", "sigma_max": 80.0}}
     with pytest.raises(UserError, match=r"fake_score\.noise_levels\.sigma_max \(80\)"):
         parse_recipe(data, "test")
 
@@ -197,7 +199,7 @@ def test_distill_moment_matching_moves_mass_onto_the_modes(tmp_path):
     assert first["images"] == 0 and last["images"] >= 40_000
     assert first["eval/off_mode_fraction"] > 0.9
     assert last["eval/off_mode_fraction"] < 0.7 * first["eval/off_mode_fraction"]  # 1.0 -> 0.46 here
-    assert last["eval/tv_distance"] < 0.5 * first["eval/tv_distance"]  # 0.13 -> 0.04 here
+    assert last["eval/tv_distance"] < 0.7 * first["eval/tv_distance"]  # 0.99 -> 0.58 here (strict mode mass)
     assert (run / "generator" / "config.json").is_file()
     assert json.loads((run / "generator" / "config.json").read_text())["method"] == "moment-matching"
 

@@ -20,7 +20,20 @@ def image_generator(tmp_path_factory):
 
 
 def sample(src, out, seeds, batch=8, fmt="both", cls=None, steps=1):
-    return sample_command(src, None, seeds, out, batch, steps, fmt, cls, True, "auto", "cpu", show_progress=False)
+    return sample_command(
+        source=src,
+        teacher_recipe=None,
+        seeds=seeds,
+        out_dir=out,
+        batch=batch,
+        steps=steps,
+        fmt=fmt,
+        class_label=cls,
+        use_ema=True,
+        sampler="auto",
+        device_name="cpu",
+        show_progress=False,
+    )
 
 
 def test_pixels_do_not_depend_on_batch_size(image_generator, tmp_path):
@@ -42,7 +55,7 @@ def test_png_layout_and_npz_agree(image_generator, tmp_path):
     png = np.array(Image.open(tmp_path / "s" / "001000" / "001001.png"))
     npz = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
     assert np.array_equal(png, npz[3]) and (tmp_path / "s" / "000000" / "000998.png").is_file()
-    assert (tmp_path / "s" / "grid.png").is_file()
+    assert (tmp_path / "s" / ".preview" / "grid.png").is_file()
 
 
 def test_fixed_class(image_generator, tmp_path):
@@ -79,7 +92,8 @@ def test_keep_float_stores_the_unclipped_images_and_shifted_evaluation_uses_them
     from emdctl.sampling import open_generator
 
     seeds = [3, 4, 5, 6, 7]
-    sample_command(image_generator, None, seeds, tmp_path / "s", 2, 1, "npz", None, True, "auto", "cpu",
+    sample_command(source=image_generator, teacher_recipe=None, seeds=seeds, out_dir=tmp_path / "s", batch=2,
+                   steps=1, fmt="npz", class_label=None, use_ema=True, sampler="auto", device_name="cpu",
                    show_progress=False, keep_float=True)  # fmt: skip
     z = np.load(tmp_path / "s" / "samples.npz")
     gen, _ = open_generator(image_generator, True)
@@ -99,10 +113,12 @@ def test_keep_float_stores_the_unclipped_images_and_shifted_evaluation_uses_them
     assert torch.equal(images_of(image_generator, 5, seeds=seeds, shift=True), shifted)
     sample(image_generator, tmp_path / "q", seeds, fmt="npz")  # a re-run asking for floats it lacks
     with pytest.raises(UserError, match="sampled without --keep-float"):
-        sample_command(image_generator, None, seeds, tmp_path / "q", 2, 1, "npz", None, True, "auto", "cpu",
+        sample_command(source=image_generator, teacher_recipe=None, seeds=seeds, out_dir=tmp_path / "q", batch=2,
+                       steps=1, fmt="npz", class_label=None, use_ema=True, sampler="auto", device_name="cpu",
                        show_progress=False, keep_float=True)  # fmt: skip
     with pytest.raises(UserError, match="--keep-float needs"):
-        sample_command(image_generator, None, seeds, tmp_path / "p", 2, 1, "png", None, True, "auto", "cpu",
+        sample_command(source=image_generator, teacher_recipe=None, seeds=seeds, out_dir=tmp_path / "p", batch=2,
+                       steps=1, fmt="png", class_label=None, use_ema=True, sampler="auto", device_name="cpu",
                        show_progress=False, keep_float=True)  # fmt: skip
 
 
@@ -120,8 +136,21 @@ def test_teacher_sampling_from_a_recipe(tmp_path):
 
     f = tmp_path / "r.yaml"
     f.write_text(yaml.safe_dump(tiny_mixture_recipe()))
-    sample_command(None, f, list(range(300)), tmp_path / "t", 100, 30, "npz", None, True, "heun", "cpu", False)
+    sample_command(
+        source=None,
+        teacher_recipe=f,
+        seeds=list(range(300)),
+        out_dir=tmp_path / "t",
+        batch=100,
+        steps=30,
+        fmt="npz",
+        class_label=None,
+        use_ema=True,
+        sampler="heun",
+        device_name="cpu",
+        show_progress=False,
+    )
     x = np.load(tmp_path / "t" / "samples.npz")["arr_0"]
     assert x.shape == (300, 2) and x.dtype == np.float32
     assert np.abs(np.linalg.norm(x, axis=1) - 2.0).mean() < 0.2  # the ring of radius 2
-    assert (tmp_path / "t" / "scatter.png").is_file()
+    assert (tmp_path / "t" / ".preview" / "scatter.png").is_file()

@@ -21,6 +21,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ..data import open_dataset, to_model_range
 from ..errors import UserError
+from ..progress import track
 from ..storage import (
     atomic_save_safetensors,
     load_state_strict,
@@ -31,6 +32,9 @@ from ..storage import (
 
 KIND = "emdctl-classifier-features"
 NAME = "emdctl-classifier"
+# Below this held-out accuracy the features hardly tell the classes apart (MNIST's classifier reaches
+# 0.99): distances in them say little, and `train-features` warns.
+WEAK_ACCURACY = 0.9
 
 
 class FeatureNet(nn.Module):
@@ -153,7 +157,13 @@ def train_feature_net(
         net.train()
         order = train_idx[torch.randperm(len(train_idx), generator=g)]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order.tolist()), **loader_kw)
-        for x, y in loader:
+        for x, y in track(
+            loader,
+            steps_per_epoch * batch,
+            f"train-features epoch {epoch + 1}/{epochs}",
+            "img",
+            step=lambda b: len(b[0]),
+        ):
             x = _prepare(x, c, res).to(device)
             if torch.rand((), generator=g) < 0.5 and c == 3:  # flips for natural images only
                 x = x.flip(3)

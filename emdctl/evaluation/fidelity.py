@@ -14,24 +14,21 @@ ranges (e.g. --seeds 0-49999 --seeds 50000-99999 --seeds 100000-149999), reporte
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch_fidelity.generative_model_base import GenerativeModelBase
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
-from tqdm import tqdm
 
 from ..data import ImagesOnly, detect_format, open_dataset
 from ..errors import UserError
 from ..hub import cache_dir
-from ..rng import PerSeedRandom
+from ..progress import Progress, track
 from ..storage import atomic_save_safetensors, read_safetensors, read_safetensors_metadata, sha256_file
 from . import classifier, inception
 
@@ -48,6 +45,8 @@ class FeatureSpace:
     label: str  # what every output calls the FD in this space
     comparable: bool  # comparable to published FID numbers?
     device: torch.device = torch.device("cpu")
+    input_shape: tuple[int, int, int] | None = None  # images it was trained on (None: any, resized)
+    dim: int = 2048  # of the distance layer
 
     def extract_batched(self, x_uint8: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
         parts: dict[str, list] = {}
@@ -95,42 +94,16 @@ def open_feature_space(spec: str, inception_weights: Path | None = None, device=
         )
         data = Path(fx.meta.get("dataset", "?")).name
         label = f"FD_classifier (emdctl classifier features trained on {data}; not comparable to published FID)"
+        m = fx.meta
         return FeatureSpace(
-            fx, classifier.NAME, "features", "logits", f"classifier-{sha256_file(path)[:12]}", label, False, device
-        )
+            fx, classifier.NAME, "features", "logits", f"classifier-{sha256_file(path)[:12]}", label, False, device,
+            input_shape=(m["channels"], m["resolution"], m["resolution"]), dim=m["feature_dim"],
+        )  # fmt: skip
     raise UserError(f"--features {spec!r}: expected 'inception' or 'classifier:PATH'")
 
 
 # --------------------------------------------------------------------------------------------
 # Inputs
-
-
-class FidelityGenerator(GenerativeModelBase):
-    """A generator in torch-fidelity's generative-model interface: z [B, z_size] (+ labels [B]) ->
-    uint8 [B, C, H, W]. emdctl feeds it per-seed latents; it can also be handed to
-    torch_fidelity.calculate_metrics directly (unconditional models)."""
-
-    def __init__(self, gen):
-        super().__init__()
-        from ..export import PortableGenerator
-
-        self.portable = PortableGenerator(gen, is_image=True).eval()
-        self.gen = gen
-
-    @property
-    def z_size(self):
-        return math.prod(self.gen.img_shape)
-
-    @property
-    def z_type(self):
-        return "normal"
-
-    @property
-    def num_classes(self):
-        return self.gen.label_dim
-
-    def forward(self, z, labels=None):
-        return self.portable(z, labels)
 
 
 def features_of_dataset(fs: FeatureSpace, ds, batch: int, n: int | None = None, desc="features") -> dict:
@@ -141,7 +114,7 @@ def features_of_dataset(fs: FeatureSpace, ds, batch: int, n: int | None = None, 
         torch.utils.data.Subset(ImagesOnly(ds), range(total)), batch_size=batch, num_workers=workers
     )
     parts: dict[str, list] = {}
-    for x in tqdm(loader, desc=desc, unit="img", unit_scale=batch, leave=False):
+    for x in track(loader, total, f"{desc} ({fs.name})", "img", step=len):
         for k, v in fs.extract(x).items():
             parts.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -150,26 +123,19 @@ def features_of_dataset(fs: FeatureSpace, ds, batch: int, n: int | None = None, 
 def features_of_generator(
     fs: FeatureSpace, gen, seeds: list[int], batch: int, device, steps: int | None = None
 ) -> dict:
-    """Images made in memory exactly as `emdctl sample` makes them (same chunks, same pixels)."""
-    from ..sampling import in_chunks
+    """Images made in memory exactly as `emdctl sample` makes them (same per-seed random numbers,
+    same chunks, same pixels)."""
+    from ..plots import to_uint8
+    from ..sampling import generator_sampler, in_chunks
 
-    fgen = FidelityGenerator(gen).to(device)
-
-    def make(part):
-        rng = PerSeedRandom(part, device)
-        z = rng.randn(gen.img_shape)
-        labels = rng.randint(gen.label_dim) if gen.label_dim else None
-        if len(gen.sampling_levels(steps)) > 1:
-            y = torch.nn.functional.one_hot(labels, gen.label_dim).float() if labels is not None else None
-            return (gen.sample(z, y, steps=steps, rng=rng) * 127.5 + 128).clamp(0, 255).to(torch.uint8), None
-        return fgen(z.flatten(1), labels), None
-
+    make = generator_sampler(gen, steps, None, device)
     parts: dict[str, list] = {}
-    with torch.no_grad():
-        for b in tqdm(range(0, len(seeds), batch), desc="generating+features", unit="batch", leave=False):
+    with torch.no_grad(), Progress(len(seeds), f"generating + features ({fs.name})", "img") as progress:
+        for b in range(0, len(seeds), batch):
             x, _ = in_chunks(make, seeds[b : b + batch])
-            for k, v in fs.extract(x).items():
+            for k, v in fs.extract(to_uint8(x)).items():
                 parts.setdefault(k, []).append(v)
+            progress.advance(len(x))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -218,23 +184,43 @@ def reference_cache_path(dataset: Path, fs: FeatureSpace, n: int | None) -> Path
 
 
 def get_reference(ref: Path, fs: FeatureSpace, batch: int, n: int | None, log=print) -> Reference:
+    """Statistics of a reference: a file from `emdctl evaluate ref`, or a dataset's first n images
+    (all with n None), computed once and cached."""
     ref = Path(ref)
     if not ref.exists():
         raise UserError(f"{ref}: no such reference dataset or statistics file")
     if ref.suffix == ".safetensors":
-        return load_reference(ref, fs)
-    cached = reference_cache_path(ref, fs, n)
+        r = load_reference(ref, fs)
+        log(f"reference: {ref} (statistics of {r.meta.get('images', '?'):,} images of {r.meta.get('dataset', '?')})")
+        return r
+    ds = open_dataset(ref, use_labels=False)
+    used = min(len(ds), n or len(ds))
+    log(f"reference: {used:,} of the {len(ds):,} images of {ref}")
+    cached = reference_cache_path(ref, fs, n if n is not None and n < len(ds) else None)
     if cached.exists():
         return load_reference(cached, fs)
-    ds = open_dataset(ref, use_labels=False)
-    log(f"computing reference statistics of {ref} ({min(len(ds), n or len(ds)):,} images)")
-    r = reference_from_features(
-        features_of_dataset(fs, ds, batch, n, "reference"),
-        fs,
-        {"dataset": str(ref), "images": min(len(ds), n or len(ds))},
-    )
+    r = reference_of_dataset(fs, ds, ref, batch, used)
     save_reference(r, cached)
     return r
+
+
+def reference_of_dataset(fs: FeatureSpace, ds, path: Path, batch: int, n: int) -> Reference:
+    check_input_shape(fs, tuple(ds.shape()), str(path))
+    feats = features_of_dataset(fs, ds, batch, n, "reference")
+    return reference_from_features(feats, fs, {"dataset": str(path), "images": n, "img_shape": list(ds.shape())})
+
+
+def check_input_shape(fs: FeatureSpace, shape: tuple, what: str) -> None:
+    if fs.input_shape is not None and tuple(shape) != tuple(fs.input_shape):
+        raise UserError(
+            f"{what}: images are {_shape(shape)} but the feature space was trained on {_shape(fs.input_shape)} "
+            "images; use features trained on this kind of data (or --features inception)"
+        )
+
+
+def _shape(shape) -> str:
+    c, h, w = shape
+    return f"{c}x{h}x{w} (channels x height x width)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,10 +254,42 @@ def compute_metrics(
         )
         out["precision"], out["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
     if "isc" in metrics:
-        out["is"] = isc_features_to_metric(feats[fs.logits_layer], splits=10, shuffle=True, rng_seed=seed)[
+        out["is"] = isc_features_to_metric(feats[fs.logits_layer], splits=IS_SPLITS, shuffle=True, rng_seed=seed)[
             KEY_METRIC_ISC_MEAN
         ]
     return out
+
+
+IS_SPLITS = 10
+PRC_NEIGHBOURS = 3
+KID_SUBSET = 1000
+
+
+def sample_size_problems(metrics: list[str], n: int, n_ref: int | None, fs: FeatureSpace) -> list[str]:
+    """Warnings for set sizes that make a metric misleading; UserError where it is undefined."""
+    if "isc" in metrics and n < IS_SPLITS:
+        raise UserError(f"IS splits the samples into {IS_SPLITS} parts: give at least {IS_SPLITS} images (got {n})")
+    sizes = [("samples", n)] + ([("reference images", n_ref)] if n_ref is not None else [])
+    for what, count in sizes:
+        if any(m != "isc" for m in metrics) and count < PRC_NEIGHBOURS + 1:
+            raise UserError(f"{count} {what}: distances between sets need at least {PRC_NEIGHBOURS + 1}")
+    warnings = []
+    if "fid" in metrics:
+        small = [f"{count:,} {what}" for what, count in sizes if count < fs.dim]
+        if small:
+            warnings.append(
+                f"FD from {' and '.join(small)} in a {fs.dim}-dimensional feature space: the covariance is "
+                "rank-deficient and FD is biased upward; compare only numbers of equal set sizes "
+                "(published FID: 50,000)"
+            )
+    if "kid" in metrics and min(c for _, c in sizes) < KID_SUBSET:
+        warnings.append(
+            f"KID from subsets of {min(c for _, c in sizes):,} images (fewer than {KID_SUBSET:,}): noisier "
+            "and not comparable to KID from larger sets"
+        )
+    if "isc" in metrics and n < 5000:
+        warnings.append(f"IS from {n:,} images (published IS: 50,000): biased low, compare only equal set sizes")
+    return warnings
 
 
 def _source_kind(source: Path) -> str:
@@ -280,11 +298,27 @@ def _source_kind(source: Path) -> str:
     return "dataset"
 
 
+def recipe_reference(source: Path) -> tuple[Path | None, str | None]:
+    """(evaluation.reference, evaluation.features) of the recipe of the run `source` is or belongs to."""
+    import yaml
+
+    for run in (source, source.parent):
+        recipe = run / "recipe.yaml"
+        if (run / "checkpoints").is_dir() and recipe.is_file():
+            try:
+                section = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("evaluation") or {}
+            except (OSError, yaml.YAMLError, AttributeError):
+                return None, None
+            ref = section.get("reference")
+            return (Path(ref) if ref else None), section.get("features")
+    return None, None
+
+
 def evaluate_command(
     metrics: list[str],
-    source: Path,
+    source: Path | None,
     ref: Path | None,
-    features: str,
+    features: str | None,
     n: int,
     seed_ranges: list[list[int]] | None,
     batch: int,
@@ -293,39 +327,69 @@ def evaluate_command(
     inception_weights: Path | None = None,
     use_ema: bool = True,
     log=print,
+    threads: str | int = "auto",
+    ref_n: int | None = None,
 ) -> dict:
+    """No source: the newest finished run under runs/. No ref (and no features): the run's recipe's
+    evaluation.reference (and evaluation.features) when it names them. A reference dataset gives
+    its first ref_n images (all by default; the log says how many)."""
     from ..distributed import resolve_device
+    from ..threads import cpu_threads
 
     metrics = list(METRICS) if metrics == ["all"] else metrics
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise UserError(f"unknown metric {bad[0]!r} (allowed: {', '.join(METRICS)}, all)")
-    dev = resolve_device(device)
+    if source is None:
+        from ..sampling import newest_finished_run
+
+        source = newest_finished_run()
+        log(f"evaluating the newest finished run: {source}")
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source}: no such generator, run directory or dataset")
     needs_ref = any(m != "isc" for m in metrics)
+    named_ref, named_features = recipe_reference(source)
+    if features is None:
+        features = named_features or "inception"
     if needs_ref and ref is None:
-        raise UserError("--ref is required for fid, kid and prc (a dataset or a statistics file from `evaluate ref`)")
+        if named_ref is None:
+            raise UserError(
+                "--ref is required for fid, kid and prc (a dataset or a statistics file from `evaluate ref`), "
+                "unless the run's recipe names evaluation.reference"
+            )
+        ref = named_ref
+        log(f"reference named by the run's recipe (evaluation.reference): {ref}")
+    dev = resolve_device(device)
     fs = open_feature_space(features, inception_weights, dev)
-    reference = get_reference(ref, fs, batch, None, log) if needs_ref else None
+    reference = get_reference(ref, fs, batch, ref_n, log) if needs_ref else None
     runs: list[dict] = []
+    warnings: list[str] = []
     if _source_kind(source) == "generator":
         from ..sampling import open_generator
 
         gen, _ = open_generator(source, use_ema)
-        gen = gen.to(dev)
         if len(gen.img_shape) != 3:
             raise UserError(f"{source}: a vector generator; use `emdctl evaluate modes` for mixture problems")
+        _check_sides(fs, tuple(gen.img_shape), str(source), reference, ref)
         ranges = seed_ranges or [list(range(n))]
         for seeds in ranges:
-            feats = features_of_generator(fs, gen, seeds, batch, dev, steps)
+            warnings += sample_size_problems(metrics, len(seeds), _ref_images(reference), fs)
+            with cpu_threads(threads, False, dev):
+                feats = features_of_generator(fs, gen, seeds, batch, dev, steps)
             runs.append({"seeds": f"{seeds[0]}-{seeds[-1]}", **compute_metrics(metrics, feats, reference, fs)})
     else:
         detect_format(source)
         ds = open_dataset(source, use_labels=False)
-        feats = features_of_dataset(fs, ds, batch, n, "samples")
-        runs.append({"images": min(len(ds), n), **compute_metrics(metrics, feats, reference, fs)})
+        _check_sides(fs, tuple(ds.shape()), str(source), reference, ref)
+        used = min(len(ds), n)
+        warnings += sample_size_problems(metrics, used, _ref_images(reference), fs)
+        with cpu_threads(threads, False, dev):
+            feats = features_of_dataset(fs, ds, batch, n, "samples")
+        runs.append({"images": used, **compute_metrics(metrics, feats, reference, fs)})
+    warnings = list(dict.fromkeys(warnings))
+    for w in warnings:
+        log(f"[yellow]warning: {w}[/]")
     keys = [k for k in runs[0] if k not in ("seeds", "images")]
     summary = {k: {"min": min(r[k] for r in runs), "mean": float(np.mean([r[k] for r in runs]))} for k in keys}
     return {
@@ -334,6 +398,27 @@ def evaluate_command(
         "features_ident": fs.ident,
         "source": str(source),
         "reference": str(ref) if ref else None,
+        "reference_images": _ref_images(reference),
         "runs": runs,
         "summary": summary,
+        "warnings": warnings,
     }
+
+
+def _ref_images(reference: Reference | None) -> int | None:
+    if reference is None:
+        return None
+    if reference.features is not None:
+        return len(reference.features)
+    return reference.meta.get("images")
+
+
+def _check_sides(fs: FeatureSpace, shape: tuple, what: str, reference: Reference | None, ref: Path | None) -> None:
+    """The two sides must hold the same kind of images, and the feature space must fit them."""
+    check_input_shape(fs, shape, what)
+    ref_shape = reference.meta.get("img_shape") if reference is not None else None
+    if ref_shape is not None and tuple(ref_shape) != tuple(shape):
+        raise UserError(
+            f"{what}: images are {_shape(shape)} but the reference {ref} holds {_shape(ref_shape)} images; "
+            "compare like with like"
+        )

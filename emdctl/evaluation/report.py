@@ -54,6 +54,8 @@ def evaluate_and_report(
     ema,
     json_out: Path | None,
     console: Console,
+    threads: str | int = "auto",
+    ref_n: int | None = None,
 ) -> dict:
     # torch-fidelity (and the CLIP/torchvision modules it pulls in) takes seconds to import:
     # only the commands that use it pay for it.
@@ -72,7 +74,10 @@ def evaluate_and_report(
         inception_weights,
         ema,
         log=lambda m: console.print(m),
+        threads=threads,
+        ref_n=ref_n,
     )
+    source, ref = res["source"], res["reference"]
     names = {
         "fd": "FID" if res["comparable_to_published"] else "FD_classifier",
         "kid": "KID",
@@ -81,7 +86,8 @@ def evaluate_and_report(
         "recall": "recall",
         "is": "IS" if res["comparable_to_published"] else "IS_classifier",
     }
-    table = Table(title=f"{source}  vs  {ref or '-'}\n{res['feature_space']}")
+    against = f"{ref} ({res['reference_images']:,} images)" if ref else "-"
+    table = Table(title=f"{source}  vs  {against}\n{res['feature_space']}")
     table.add_column("metric")
     for r in res["runs"]:
         table.add_column(f"seeds {r['seeds']}" if "seeds" in r else f"{r['images']} images", justify="right")
@@ -105,6 +111,7 @@ def evaluate_and_report(
     )
     if json_out:
         atomic_write_json(json_out, res)
+        console.print(f"wrote {json_out}")
     return res
 
 
@@ -115,9 +122,12 @@ def modes_and_report(
     json_out: Path | None,
     console: Console,
     use_ema: bool = True,
+    within: float = 3.0,
+    threads: str | int = "auto",
 ) -> dict:
     from ..sampling import open_generator
     from ..teachers.mixture import GaussianMixture
+    from ..threads import cpu_threads
 
     results = {}
     for src in sources:
@@ -126,20 +136,33 @@ def modes_and_report(
         if not mix_params:
             raise UserError(f"{src}: not distilled from an analytic mixture teacher; mode metrics need one")
         mixture = GaussianMixture(**mix_params)
-        x, m = generator_mode_metrics(gen, mixture, seeds)
+        with cpu_threads(threads, True):
+            x, m = generator_mode_metrics(gen, mixture, seeds, within=within)
         results[str(src)] = m
         if plot is not None:
             plot_path = plot if len(sources) == 1 else plot.with_name(f"{plot.stem}-{len(results)}{plot.suffix}")
-            title = f"{Path(src).name}: TV {m['tv_distance']:.3f}, recall {m['mode_recall']:.2f}"
+            title = (
+                f"{Path(src).name}: TV {m['tv_distance']:.3f}, recall {m['mode_recall']:.2f}, "
+                f"off-mode {m['off_mode_fraction']:.3f}"
+            )
             save_scatter(
                 x[:5000],
                 plot_path,
                 reference=mixture.sample(5000, torch.Generator().manual_seed(0)),
                 means=mixture.means,
+                radii=(mixture.scales * within).tolist(),
                 title=title,
+                legend=(
+                    f"generator samples ({min(len(x), 5000):,} of {len(x):,})",
+                    "exact mixture samples",
+                    f"mode centres; circles: {within:g} scales, the region counted as the mode",
+                ),
             )
+            console.print(f"wrote {plot_path}")
         record_in_run(src, {"ema": use_ema, **{f"eval/{k}": v for k, v in m.items() if isinstance(v, int | float)}})
-    table = Table(title="mode metrics (exact mixture reference)")
+    table = Table(
+        title=f"mode metrics (exact mixture reference; a mode's mass: samples within {within:g} of its scales)"
+    )
     table.add_column("metric")
     for src in results:
         table.add_column(str(src), justify="right")
@@ -148,8 +171,10 @@ def modes_and_report(
     for key in keys:
         table.add_row(key, *[f"{r[key]:.4g}" for r in results.values()])
     table.add_row("true weights", *[" ".join(f"{w:.3f}" for w in first["true_weights"])] * len(results))
+    table.add_row("expected mass", *[" ".join(f"{w:.3f}" for w in first["expected_mass"])] * len(results))
     table.add_row("mode mass", *[" ".join(f"{w:.3f}" for w in r["mode_mass"]) for r in results.values()])
     console.print(table)
     if json_out:
         atomic_write_json(json_out, results)
+        console.print(f"wrote {json_out}")
     return results

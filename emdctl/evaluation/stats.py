@@ -60,8 +60,7 @@ def images_of(
     import numpy as np
 
     from ..plots import to_uint8
-    from ..rng import PerSeedRandom
-    from ..sampling import in_chunks, open_generator
+    from ..sampling import generator_sampler, in_chunks, open_generator
     from .fidelity import _source_kind
 
     source = Path(source)
@@ -74,16 +73,13 @@ def images_of(
         if len(gen.img_shape) != 3:
             raise UserError(f"{source}: not an image generator")
         seeds = seeds or list(range(n))
+        fn = generator_sampler(gen, None, None, device)
 
         def make(part):
-            rng = PerSeedRandom(part, device)
-            z = rng.randn(gen.img_shape)
-            y = (
-                torch.nn.functional.one_hot(rng.randint(gen.label_dim), gen.label_dim).float()
-                if gen.label_dim
-                else None
-            )
-            return to_uint8(level(gen(z, y))).cpu(), None
+            x, _ = fn(part)
+            if x.dtype == torch.uint8 and shift:
+                raise UserError(f"{source}: an ONNX/TorchScript export returns quantized images; shift its run instead")
+            return to_uint8(level(x) if x.dtype != torch.uint8 else x).cpu(), None
 
         with torch.no_grad():
             return torch.cat([in_chunks(make, seeds[i : i + batch])[0] for i in range(0, len(seeds), batch)])

@@ -130,7 +130,12 @@ def efficientnet_b0_features(weights: Path | None) -> nn.Sequential:
     path = (
         Path(weights)
         if weights is not None
-        else fetch(EFFICIENTNET_B0_URL, EFFICIENTNET_B0_SHA256, what="EfficientNet-B0 ImageNet weights")
+        else fetch(
+            EFFICIENTNET_B0_URL,
+            EFFICIENTNET_B0_SHA256,
+            what="EfficientNet-B0 ImageNet weights",
+            local="method.discriminator.feature_weights",
+        )
     )
     if not path.is_file():
         raise UserError(f"method.discriminator.feature_weights: {path} does not exist")

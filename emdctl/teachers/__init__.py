@@ -7,7 +7,10 @@ start from (the teacher's own; for an analytic mixture, a small MLP fitted to it
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,11 +128,33 @@ def save_pretrained_denoiser(den: Denoiser, directory: Path, extra: dict | None 
 def fit_mixture_network(
     mixture: GaussianMixture, config: dict, steps: int, batch: int, lr: float, seed: int, device
 ) -> dict[str, torch.Tensor]:
-    """Fit an MLP denoiser to the exact mixture denoiser (regression, EDM weighting, log-uniform sigma).
+    """The MLP fitted to the exact mixture denoiser (regression, EDM weighting, log-uniform sigma).
 
     This network initializes the generator and fake score, as the teacher's weights do for a
-    network teacher. Deterministic given the seed.
+    network teacher. Deterministic given its inputs, so it is cached (EMDCTL_CACHE/teacher-fits/,
+    keyed by the mixture, the network, the fit settings, the seed, the device type and the torch
+    version): `demo` and repeated runs load it instead of fitting it again.
     """
+    from ..hub import cache_dir
+    from ..storage import atomic_save_safetensors, read_safetensors
+
+    key_data = {"mixture": mixture.to_dict(), "network": config, "steps": steps, "batch": batch, "lr": lr,
+                "seed": seed, "device": torch.device(device).type, "torch": torch.__version__}  # fmt: skip
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache_dir() / "teacher-fits" / f"mlp-{key}.safetensors"
+    if cached.is_file():
+        try:
+            return read_safetensors(cached, "cached teacher fit")
+        except UserError:
+            pass  # a damaged cache entry: fit again and overwrite it
+    state = _fit_mixture_network(mixture, config, steps, batch, lr, seed, device)
+    with contextlib.suppress(OSError):  # a read-only or full cache only costs the next run a refit
+        atomic_save_safetensors(cached, state, {"emdctl": json.dumps({"kind": "teacher-fit", **key_data})})
+    return state
+
+
+def _fit_mixture_network(mixture, config, steps, batch, lr, seed, device) -> dict[str, torch.Tensor]:
+    from ..progress import Progress
     from ..rng import derive_seed
 
     with torch.random.fork_rng(devices=[]):
@@ -139,19 +164,21 @@ def fit_mixture_network(
     gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, "teacher-fit"))
     lo, hi = torch.log(torch.tensor(1e-3)), torch.log(torch.tensor(100.0))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        x0 = mixture.sample(batch, generator=gen).float()
-        sigma = (lo + torch.rand(batch, generator=gen) * (hi - lo)).exp()
-        noise = torch.randn(batch, mixture.dim, generator=gen)
-        x0, sigma, noise = x0.to(device), sigma.to(device), noise.to(device)
-        x = x0 + sigma[:, None] * noise
-        target = mixture.denoise(x.double(), sigma.double()).float()
-        w = diffusion.edm_loss_weight(sigma, den.sigma_data)[:, None]
-        loss = (w * (den(x, sigma) - target).square()).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    with Progress(steps, "fitting the mixture teacher's MLP", "steps") as progress:
+        for _ in range(steps):
+            x0 = mixture.sample(batch, generator=gen).float()
+            sigma = (lo + torch.rand(batch, generator=gen) * (hi - lo)).exp()
+            noise = torch.randn(batch, mixture.dim, generator=gen)
+            x0, sigma, noise = x0.to(device), sigma.to(device), noise.to(device)
+            x = x0 + sigma[:, None] * noise
+            target = mixture.denoise(x.double(), sigma.double()).float()
+            w = diffusion.edm_loss_weight(sigma, den.sigma_data)[:, None]
+            loss = (w * (den(x, sigma) - target).square()).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            progress.advance()
     return {k: v.detach().cpu() for k, v in den.state_dict().items()}
 
 
@@ -190,7 +217,11 @@ def load_teacher(spec, seed: int = 0, device: str | torch.device = "cpu") -> Tea
         from ..hub import fetch
         from .edm_pickle import load_edm_pickle
 
-        path = Path(spec.path) if spec.path is not None else fetch(spec.url, spec.sha256, "EDM teacher pickle")
+        path = (
+            Path(spec.path)
+            if spec.path is not None
+            else fetch(spec.url, spec.sha256, "EDM teacher pickle", local="teacher.path (instead of teacher.url)")
+        )
         path = _existing(path, "EDM network pickle")
         if spec.path is not None:
             _check_sha(path, spec.sha256)

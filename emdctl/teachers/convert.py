@@ -13,9 +13,9 @@ from .edm_pickle import load_edm_pickle
 def resolve_source(source: str, sha256: str | None = None) -> Path:
     """A local path, a URL (downloaded into the cache), or an official name like edm-imagenet-64x64-cond-adm."""
     if source in OFFICIAL_EDM:
-        return fetch(OFFICIAL_EDM[source], sha256, "EDM teacher pickle")
+        return fetch(OFFICIAL_EDM[source], sha256, "EDM teacher pickle", local="SOURCE (a local .pkl path)")
     if source.startswith(("http://", "https://")):
-        return fetch(source, sha256, "EDM teacher pickle")
+        return fetch(source, sha256, "EDM teacher pickle", local="SOURCE (a local .pkl path)")
     path = Path(source)
     if not path.exists():
         known = ", ".join(OFFICIAL_EDM)
