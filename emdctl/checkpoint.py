@@ -14,6 +14,8 @@ kept. Reading uses safetensors and json only: no code from a checkpoint ever run
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -72,15 +74,53 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.manifest_path = self.dir / "manifest.json"
         self.keep = keep
+        self.notes: list[str] = []  # what was repaired on the way (the trainer prints them)
 
     # -- manifest --------------------------------------------------------------------------------
     def entries(self) -> list[dict]:
         if not self.manifest_path.exists():
-            return []
+            return self._rebuild_manifest()
         data = read_json(self.manifest_path, "checkpoint manifest")
         entries = data.get("checkpoints")
         if data.get("format") != FORMAT or not isinstance(entries, list):
             raise UserError(f"{self.manifest_path}: not an emdctl checkpoint manifest")
+        for e in entries:
+            if not (
+                isinstance(e, dict)
+                and isinstance(e.get("file"), str)
+                and isinstance(e.get("images"), int)
+                and isinstance(e.get("sha256"), str)
+                and re.fullmatch(r"ckpt-\d{12}\.safetensors", e["file"])
+            ):
+                raise UserError(
+                    f"{self.manifest_path}: an entry lacks a valid file, images or sha256 ({str(e)[:80]}); "
+                    "remove the manifest to rebuild it from the checkpoint files"
+                )  # fmt: skip
+        return entries
+
+    def _rebuild_manifest(self) -> list[dict]:
+        """A run whose manifest was deleted: rebuilt from the checkpoint files that read back whole
+        (never a silent restart over them)."""
+        files = sorted(self.dir.glob("ckpt-*.safetensors")) if self.dir.is_dir() else []
+        if not files:
+            return []
+        entries, unreadable = [], []
+        for f in files:
+            try:
+                _, meta = load_checkpoint(f, entries=[])
+            except UserError:
+                unreadable.append(f.name)
+                continue
+            entries.append(self._entry(f, meta))
+        if not entries:
+            raise UserError(
+                f"{self.dir}: manifest.json is missing and no checkpoint file reads back whole "
+                f"({', '.join(unreadable)}); move the folder away to start over"
+            )
+        entries.sort(key=lambda e: e["images"])
+        self._write_manifest(entries)
+        skipped = f" (unreadable, left in place: {', '.join(unreadable)})" if unreadable else ""
+        self.notes.append(f"{self.manifest_path}: was missing; rebuilt from {len(entries)} checkpoint file(s){skipped}")
         return entries
 
     def _write_manifest(self, entries: list[dict]) -> None:
@@ -90,6 +130,17 @@ class CheckpointManager:
         entries = self.entries()
         return self.dir / entries[-1]["file"] if entries else None
 
+    @staticmethod
+    def _entry(path: Path, meta: dict) -> dict:
+        return {
+            "file": path.name,
+            "images": int(meta["images"]),
+            "iteration": int(meta["iteration"]),
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
     # -- save / load -------------------------------------------------------------------------------
     def save(self, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
         images = int(meta["images"])
@@ -98,16 +149,7 @@ class CheckpointManager:
         header = {"format": FORMAT, "version": VERSION, **meta}
         atomic_save_safetensors(path, tensors, {"emdctl": json.dumps(header)})
         entries = [e for e in self.entries() if e["file"] != name]
-        entries.append(
-            {
-                "file": name,
-                "images": images,
-                "iteration": int(meta["iteration"]),
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-        )
+        entries.append(self._entry(path, meta))
         entries.sort(key=lambda e: e["images"])
         kept, dropped = entries[-self.keep :], entries[: -self.keep]
         self._write_manifest(kept)
@@ -115,11 +157,39 @@ class CheckpointManager:
             (self.dir / e["file"]).unlink(missing_ok=True)
         return path
 
-    def load(self, path: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-        path = Path(path) if path is not None else self.latest()
-        if path is None:
+    def load(self, path: Path | None = None, repair: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+        """A given checkpoint, or the newest one that verifies: a newer one that fails its checksum
+        (or is missing) is, with `repair` (the run's own process, holding its lock), moved aside into
+        checkpoints/damaged/ and left out of the manifest; `notes` says so either way."""
+        if path is not None:
+            path = Path(path)
+            return load_checkpoint(path, self.entries() if path.parent == self.dir else None)
+        entries = self.entries()
+        if not entries:
             raise UserError(f"{self.dir}: no checkpoint to resume from")
-        return load_checkpoint(path, self.entries() if path.parent == self.dir else None)
+        for i in range(len(entries) - 1, -1, -1):
+            candidate = self.dir / entries[i]["file"]
+            try:
+                loaded = load_checkpoint(candidate, entries)
+            except UserError as e:
+                if i == 0:
+                    raise UserError(f"{e.message}; no older checkpoint verifies either") from None
+                self._set_aside(candidate, entries[i], repair)
+                continue
+            if i < len(entries) - 1 and repair:
+                self._write_manifest(entries[: i + 1])
+            self.loaded = candidate
+            return loaded
+        raise AssertionError("unreachable")
+
+    def _set_aside(self, path: Path, entry: dict, repair: bool) -> None:
+        aside = None
+        if path.is_file() and repair:
+            (self.dir / "damaged").mkdir(exist_ok=True)
+            aside = self.dir / "damaged" / path.name
+            os.replace(path, aside)
+        where = f"moved to {aside}" if aside else ("left in place" if path.is_file() else "its file is missing")
+        self.notes.append(f"{path.name} (images {entry['images']:,}) does not verify ({where}); using an older one")
 
 
 def load_checkpoint(path: Path, entries: list[dict] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -132,9 +202,7 @@ def load_checkpoint(path: Path, entries: list[dict] | None = None) -> tuple[dict
         entries = read_json(manifest, "checkpoint manifest").get("checkpoints", []) if manifest.exists() else []
     entry = next((e for e in entries if e.get("file") == path.name), None)
     if entry is not None and sha256_file(path) != entry.get("sha256"):
-        older = [e["file"] for e in entries if e["images"] < entry["images"]]
-        hint = f"; move it away to resume from {older[-1]}" if older else ""
-        raise UserError(f"{path}: checksum mismatch with manifest.json (corrupt or truncated checkpoint){hint}")
+        raise UserError(f"{path}: checksum mismatch with manifest.json (corrupt or truncated checkpoint)")
     tensors = read_safetensors(path, "checkpoint")
     raw = read_safetensors_metadata(path, "checkpoint").get("emdctl")
     try:

@@ -67,7 +67,11 @@ def describe_os_error(e: OSError) -> str:
     where = f"{e.filename}: " if e.filename else ""
     what = e.strerror or str(e) or e.__class__.__name__
     if e.errno == errno.ENOSPC:
-        return f"{where}no space left on the device; files written before are intact, free space and re-run the command"
+        folder = f" in {Path(e.filename).parent}" if e.filename else ""
+        return (
+            f"no space left on the device{folder} (writing {e.filename or 'a file'}); everything written before is "
+            "intact (a run keeps its last checkpoint); free space and re-run the same command to continue"
+        )
     return f"{where}{what}"
 
 
@@ -232,7 +236,7 @@ def teacher_train(
 # sample
 
 
-def _seeds(seeds: str | None, n: int | None, default_n: int | None = None) -> list[int]:
+def _seeds(seeds: str | None, n: int | None, default_n: int | None = None):
     """--seeds or --n (seeds 0..n-1), never both; checked before anything heavy is imported."""
     from .seeds import parse_seeds
 
@@ -247,8 +251,10 @@ def _seeds(seeds: str | None, n: int | None, default_n: int | None = None) -> li
     if n is None:
         raise UserError("give --n (number of images, seeds 0..n-1) or --seeds")
     if n < 1:
-        raise UserError(f"--n {n}: give at least 1 image")
-    return list(range(n))
+        raise UserError(f"--n {n}: give at least 1 image (seeds 0..n-1)")
+    from .seeds import Seeds
+
+    return Seeds.first(n)
 
 
 class SampleFormat(StrEnum):
@@ -297,6 +303,9 @@ def sample(
         bool, typer.Option(help="Also store the unclipped float32 images in samples.npz (arr_float).")
     ] = False,
     threads: ThreadsOpt = "auto",
+    force: Annotated[
+        bool, typer.Option(help="An --out folder holding other samples is moved aside (otherwise refused).")
+    ] = False,
 ):
     """Generate images, each a pure function of its seed; re-running resumes finished shards.
 
@@ -308,6 +317,8 @@ def sample(
     n_threads = _threads(threads)
     if source is not None and teacher is not None:
         raise UserError(f"give a source ({source}) or --teacher {teacher}, not both")
+    if keep_float and fmt is SampleFormat.png:
+        raise UserError("--keep-float stores floats in samples.npz: add --format npz or --format both")
     from .sampling import sample_command
 
     summary = sample_command(
@@ -325,6 +336,7 @@ def sample(
         keep_float=keep_float,
         threads=n_threads,
         log=lambda m: err.print(m, markup=False, highlight=False),
+        force=force,
     )
     rate = summary.get("images_per_s")
     out.print(
@@ -379,6 +391,29 @@ SourceArg = Annotated[
 ]
 
 
+MAX_EVALUATED = 10_000_000  # samples an evaluation holds (features or points) in memory
+
+
+def _ranges(seeds: list[str] | None, n: int):
+    ranges = [_seeds(s, None) for s in seeds] if seeds else None
+    if max([len(r) for r in ranges] if ranges else [n]) > MAX_EVALUATED:
+        raise UserError(f"an evaluation holds its samples' features in memory; give at most {MAX_EVALUATED:,} per run")
+    return ranges
+
+
+def _evaluate(metric, source, ref, ref_n, features, n, seeds, batch, steps, ema, weights, device, json_out, threads):
+    """The metric commands after parsing: arguments checked first, then torch-fidelity."""
+    ranges = _ranges(seeds, n)
+    _new_file(json_out, "--json")
+    n_threads = _threads(threads)
+    from .evaluation.report import evaluate_and_report
+
+    evaluate_and_report(
+        [metric], source, ref, features, n, ranges, batch, device, steps, weights, ema, json_out, out,
+        threads=n_threads, ref_n=ref_n,
+    )  # fmt: skip
+
+
 def _metric_command(metric: str):
     def command(
         source: SourceArg = None,
@@ -413,15 +448,8 @@ def _metric_command(metric: str):
         json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
         threads: ThreadsOpt = "auto",
     ):
-        ranges = [_seeds(s, None) for s in seeds] if seeds else None
-        _new_file(json_out, "--json")
-        n_threads = _threads(threads)
-        from .evaluation.report import evaluate_and_report
-
-        evaluate_and_report(
-            [metric], source, ref, features, n, ranges, batch, device, steps, inception_weights, ema, json_out, out,
-            threads=n_threads, ref_n=ref_n,
-        )  # fmt: skip
+        _evaluate(metric, source, ref, ref_n, features, n, seeds, batch, steps, ema, inception_weights, device,
+                  json_out, threads)  # fmt: skip
 
     command.__doc__ = {
         "fid": "Frechet distance (FID in the Inception space) against a reference.",
@@ -452,15 +480,8 @@ def evaluate_isc(
     threads: ThreadsOpt = "auto",
 ):
     """Inception Score of the samples (no reference)."""
-    ranges = [_seeds(s, None) for s in seeds] if seeds else None
-    _new_file(json_out, "--json")
-    n_threads = _threads(threads)
-    from .evaluation.report import evaluate_and_report
-
-    evaluate_and_report(
-        ["isc"], source, None, features, n, ranges, batch, device, steps, inception_weights, ema, json_out, out,
-        threads=n_threads,
-    )  # fmt: skip
+    _evaluate("isc", source, None, None, features, n, seeds, batch, steps, ema, inception_weights, device, json_out,
+              threads)  # fmt: skip
 
 
 @evaluate_app.command("ref")
@@ -549,6 +570,8 @@ def evaluate_modes(
     """Per-mode mass within 3 scales of each mode, its total variation to the exact mixture's, mode
     recall, off-mode mass, mode spread and sliced Wasserstein (mixtures)."""
     seed_list = _seeds(seeds, n, default_n=20000)
+    if len(seed_list) > MAX_EVALUATED:
+        raise UserError(f"{len(seed_list):,} samples: mode metrics hold them in memory; give at most {MAX_EVALUATED:,}")
     _new_file(plot, "--plot")
     _new_file(json_out, "--json")
     n_threads = _threads(threads)
@@ -646,7 +669,7 @@ def demo_mixture_cmd(
     if seed != 0:
         raise UserError("give --seed (one comparison) or --seeds (several, with paired statistics), not both")
     try:
-        seed_list = parse_seeds(seeds)
+        seed_list = list(parse_seeds(seeds))
     except ValueError as e:
         raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-29 or 0,3,5)") from None
     demo_mixture_seeds(out_dir, images, preset, k, seed_list, err, base, eval_every=every, jobs=jobs)

@@ -236,8 +236,12 @@ class NpzDataset(ImageDataset):
 
     def __init__(self, path: Path, max_images=None, use_labels=True):
         super().__init__(path, max_images)
+        if not zipfile.is_zipfile(self.path):
+            raise UserError(
+                f"{self.path}: not an npz file (a zip of .npy arrays, e.g. from `emdctl sample --format npz`)"
+            )
         try:
-            z = np.load(self.path, mmap_mode="r")
+            z = np.load(self.path, mmap_mode="r", allow_pickle=False)
             arr = z["arr_0"] if "arr_0" in z else z[z.files[0]]
         except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as e:
             raise UserError(f"{self.path}: not a readable npz of images ({e})") from None

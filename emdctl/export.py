@@ -112,7 +112,14 @@ def export_command(source: Path, fmt: str, out: Path, use_ema: bool = True) -> d
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     gen, cfg = open_generator(source, use_ema)
+    if not isinstance(gen, OneStepGenerator):
+        raise UserError(f"{source}: already an ONNX/TorchScript export; export its run or safetensors directory")
     gen = gen.cpu().eval()
+    z, labels = _example_inputs(gen, 4)
+    with torch.no_grad():
+        probe = PortableGenerator(gen, is_image=False)(z, labels)
+    if not bool(torch.isfinite(probe).all()):
+        raise UserError(f"{source}: the generator gives non-finite samples (it diverged); export an earlier checkpoint")
     data = cfg.get("data", {})
     is_image = data.get("kind", "image" if len(gen.img_shape) == 3 else "vector") == "image"
     out = Path(out)

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import diffusion
 from .errors import UserError
-from .networks import build_denoiser
+from .networks import build_denoiser, check_config_fits_weights
 from .networks.precond import Denoiser
 from .rng import PerSeedRandom
 from .storage import load_model_dir, load_state_strict, module_state, save_model_dir
@@ -135,6 +135,9 @@ def build_generator(student_config: dict, sigma_star: float, overrides: dict | N
 
 def load_generator(directory: Path) -> tuple[OneStepGenerator, dict]:
     config, state = load_model_dir(directory, expect_kind="generator")
+    if not isinstance(config.get("denoiser"), dict):
+        raise UserError(f"{directory}: config.json has no denoiser description; re-export the generator")
+    check_config_fits_weights(config["denoiser"], state, str(directory))
     try:
         gen = generator_from_config(config)
     except (KeyError, TypeError, ValueError) as e:

@@ -83,3 +83,48 @@ def describe(method, recipe) -> str:
         if act is not None and static + act > 0.95 * total:
             text += " [bold red]- likely out of memory: lower batch.micro or set precision.checkpointing[/]"
     return text
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a run can still take: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def parameters_on_meta(config: dict) -> int | None:
+    """Parameters of the network a config describes, built on the meta device (no memory); None
+    when the architecture cannot be built there."""
+    from .networks import build_on_meta
+
+    den = build_on_meta(config)
+    return None if den is None else sum(p.numel() for p in den.parameters())
+
+
+def check_fits(config: dict, copies: int, micro_batch: int, dtype: str, checkpointing: bool, device, what: str) -> None:
+    """Refuse, before anything is allocated, a run whose networks (`copies` float32 copies' worth:
+    networks, EMA, gradients, Adam moments) and one micro-batch's activations cannot fit in what the
+    device has free. Only a clear miss is refused (an estimate: the real need may be a little higher)."""
+    from .errors import UserError
+
+    try:
+        params = parameters_on_meta(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{what}: the network it describes cannot be built ({str(e)[:120]})") from None
+    if params is None:
+        return  # not buildable on the meta device: no estimate (such networks are small and fixed)
+    act = activation_bytes(config, micro_batch, dtype, checkpointing) or 0
+    need = params * 4 * copies + act
+    free = available_bytes(torch.device(device))
+    if free is not None and need > free:
+        raise UserError(
+            f"{what}: {params:,} parameters per network and one micro-batch of {micro_batch} need about "
+            f"{need / GB:,.1f} GB, and the {'GPU' if torch.device(device).type == 'cuda' else 'host'} has "
+            f"{free / GB:,.1f} GB free; use smaller networks or batch.micro"
+        )

@@ -24,8 +24,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PositiveFloat,
-    PositiveInt,
     ValidationError,
     model_validator,
 )
@@ -54,8 +52,15 @@ def _parse_image_count(value: Any) -> Any:
     raise ValueError("expected an image count like 200000, 500k or 10M")
 
 
-ImageCount = Annotated[int, BeforeValidator(_parse_image_count), Field(ge=0)]
-PositiveImageCount = Annotated[int, BeforeValidator(_parse_image_count), Field(gt=0)]
+# Bounds: values that validate must also run. Beyond these, allocations or the optimizer fail later
+# with a traceback (a batch of 1e12, an MLP of width 1e9, a learning rate of 1e308 or inf).
+MAX_IMAGES = 10**15
+ImageCount = Annotated[int, BeforeValidator(_parse_image_count), Field(ge=0, le=MAX_IMAGES)]
+PositiveImageCount = Annotated[int, BeforeValidator(_parse_image_count), Field(gt=0, le=MAX_IMAGES)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0, le=2**31 - 1)]
+Width = Annotated[int, Field(gt=0, le=65536)]  # channels / units of a layer
+LearningRate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -95,9 +100,9 @@ class NoiseLevels(Strict):
 class MLPNetwork(Strict):
     """The small MLP denoiser used for low-dimensional (analytic) problems."""
 
-    hidden: PositiveInt = 256
-    layers: PositiveInt = 4
-    emb_dim: PositiveInt = 64
+    hidden: Width = 256
+    layers: Annotated[int, Field(gt=0, le=64)] = 4
+    emb_dim: Width = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,9 +133,9 @@ class MixtureSpec(Strict):
 class TeacherFit(Strict):
     """How the MLP that initializes the generator and fake score is fitted to an analytic teacher."""
 
-    steps: PositiveInt = 1500
-    batch: PositiveInt = 1024
-    lr: PositiveFloat = 2e-3
+    steps: Annotated[int, Field(gt=0, le=10**7)] = 1500
+    batch: Annotated[int, Field(gt=0, le=2**20)] = 1024
+    lr: LearningRate = 2e-3
 
 
 class MixtureTeacher(Strict):
@@ -154,7 +159,7 @@ class DDPMPulferTeacher(Strict):
     path: Path
     sha256: str | None = None
     resolution: PositiveInt | None = None
-    timesteps: PositiveInt = 1000
+    timesteps: Annotated[int, Field(gt=0, le=100_000)] = 1000
     beta_start: PositiveFloat = 1e-4
     beta_end: PositiveFloat = 0.02
 
@@ -227,9 +232,9 @@ class Langevin(Strict):
     z-step diverges at small sigma. A constant preconditioner per chain leaves the target unchanged.
     'none' uses gamma_z as given at every noise level."""
 
-    steps: Annotated[int, Field(ge=0)] = 8
-    gamma_eps: NonNegFloat = 0.1
-    gamma_z: NonNegFloat = 0.0
+    steps: Annotated[int, Field(ge=0, le=1000)] = 8
+    gamma_eps: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 0.1
+    gamma_z: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 0.0
     z_step_scaling: Literal["sigma2", "none"] = "sigma2"
     cancel_noise: bool = True
     cancel_noise_z: bool = False
@@ -317,9 +322,9 @@ class DiscriminatorSpec(Strict):
     feature_sigma: PositiveFloat = 0.05
     feature_resolution: Annotated[int, Field(ge=32, multiple_of=32)] = 224
     feature_weights: Path | None = None
-    channels: PositiveInt = 64
-    hidden: PositiveInt = 256  # vector data: MLP width
-    layers: PositiveInt = 3  # vector data: MLP hidden layers
+    channels: Width = 64
+    hidden: Width = 256  # vector data: MLP width
+    layers: Annotated[int, Field(gt=0, le=64)] = 3  # vector data: MLP hidden layers
     # Differentiable augmentation of everything the discriminator sees, real and generated (Zhao et
     # al. 2020, as GDD uses): images only.
     augment: list[Literal["color", "translation", "cutout"]] = Field(default_factory=list)
@@ -353,7 +358,7 @@ class FakeScore(Strict):
     noise_levels: by default the method's (the fake score is then trained where the method uses it)."""
 
     noise_levels: NoiseLevels | None = None
-    steps_per_iteration: PositiveInt = 1
+    steps_per_iteration: Annotated[int, Field(gt=0, le=1000)] = 1
     arch_overrides: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -367,8 +372,8 @@ class LRDecay(Strict):
 
 
 class Optim(Strict):
-    lr_gen: PositiveFloat = 1e-5
-    lr_fake: PositiveFloat = 1e-5
+    lr_gen: LearningRate = 1e-5
+    lr_fake: LearningRate = 1e-5
     betas_gen: tuple[Beta, Beta] = (0.0, 0.99)
     betas_fake: tuple[Beta, Beta] = (0.0, 0.99)
     eps: PositiveFloat = 1e-8
@@ -379,8 +384,8 @@ class Optim(Strict):
 
 
 class Batch(Strict):
-    size: PositiveInt = 256
-    micro: PositiveInt | None = None
+    size: Annotated[int, Field(gt=0, le=2**20)] = 256
+    micro: Annotated[int, Field(gt=0, le=2**20)] | None = None
 
     @model_validator(mode="after")
     def _divides(self):
@@ -410,12 +415,12 @@ class Precision(Strict):
 class Logging(Strict):
     every: PositiveImageCount = 10_000
     grid_every: ImageCount = 100_000
-    grid_size: PositiveInt = 64
+    grid_size: Annotated[int, Field(gt=0, le=1024)] = 64
     progress: bool = True
     # Evaluation during training (EMA generator, fixed seeds 0..eval_samples-1, written to
     # metrics.jsonl as eval/* and drawn in curves.png): mode metrics for mixture teachers. 0: off.
     eval_every: ImageCount = 0
-    eval_samples: PositiveInt = 20_000
+    eval_samples: Annotated[int, Field(gt=0, le=10**7)] = 20_000
 
 
 class Checkpointing(Strict):
@@ -434,7 +439,7 @@ class _RunCommon(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU intra-op threads: 'auto' is 1 for vector data (small MLPs), torch's default for images
     # (emdctl.threads); results are the same at any count.
-    threads: Literal["auto"] | PositiveInt = "auto"
+    threads: Literal["auto"] | Annotated[int, Field(gt=0, le=1024)] = "auto"
     batch: Batch = Batch()
     duration: PositiveImageCount = 1_000_000
     ema: EMA = EMA()
@@ -583,7 +588,7 @@ class EDMLoss(Strict):
 
 
 class TeacherOptim(Strict):
-    lr: PositiveFloat = 1e-3
+    lr: LearningRate = 1e-3
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     warmup: ImageCount = 10_000_000
@@ -614,23 +619,87 @@ RECIPE_KINDS: dict[str, type[BaseModel]] = {"distill": DistillRecipe, "teacher-t
 DEFAULT_RECIPE_PATH = Path(__file__).with_name("default_recipe.yaml")
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; this bounds what a reader holds
+MAX_RECIPE_NODES = 100_000  # after aliases are expanded (an alias bomb expands exponentially)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {mark.line + 1}); give each field once", mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, memo: dict, source: str) -> int:
+    """Nodes of the document with every alias expanded (shared nodes counted each time); an alias
+    inside its own anchor (a structure containing itself) is refused."""
+    key = id(node)
+    if key in memo:
+        if memo[key] is None:
+            raise UserError(f"{source}: an alias refers to a node that contains it; write the value out")
+        return memo[key]
+    memo[key] = None  # in progress
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(c, memo, source) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, source) + _expanded_size(v, memo, source) for k, v in node.value)
+    else:
+        size = 1
+    memo[key] = min(size, MAX_RECIPE_NODES + 1)
+    return memo[key]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> data, bounded: size, nesting depth, alias expansion; duplicate keys refused."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise UserError(f"{source}: {len(text):,} characters; a recipe is at most {MAX_RECIPE_BYTES:,}")
+    try:
+        loader = _RecipeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}, source) > MAX_RECIPE_NODES:
+                raise UserError(
+                    f"{source}: expands to more than {MAX_RECIPE_NODES:,} values (aliases referring to aliases?); "
+                    "write the recipe out"
+                )
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{source}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply to be a recipe") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise UserError(f"{source}: a value cannot be read ({str(e)[:100]})") from None
+
+
 def read_yaml(path: Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such recipe file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a YAML recipe file")
+    if not path.is_file():  # a device (/dev/zero), a FIFO, a socket: it may never end
+        raise UserError(f"{path}: not a regular file; give a YAML recipe file")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the recipe ({e.__class__.__name__}: {e})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    return parse_yaml(text, str(path))
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
@@ -644,8 +713,10 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
         if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
             raise UserError(f"--set {item!r}: {key!r} is not a dotted field path like method.langevin.steps")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = parse_yaml(raw, f"--set {key}") if raw.strip() else None
+        except UserError as e:
+            if "malformed YAML" not in e.message:
+                raise
             value = raw
         node = data
         for i, p in enumerate(parts[:-1]):

@@ -13,7 +13,6 @@ or --force (the old directory is moved aside, never deleted).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -23,7 +22,7 @@ import yaml
 
 from .errors import UserError
 from .recipe import dump_recipe, parse_recipe, recipe_to_dict
-from .storage import atomic_write
+from .storage import DirectoryLock, atomic_write, move_aside
 
 
 def _flatten(d, prefix=""):
@@ -55,7 +54,7 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
 class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._lock_fd: int | None = None
+        self._lock: DirectoryLock | None = None
 
     @property
     def recipe_file(self) -> Path:
@@ -65,32 +64,15 @@ class RunDir:
     def metrics_file(self) -> Path:
         return self.root / "metrics.jsonl"
 
-    @property
-    def lock_file(self) -> Path:
-        """Beside the directory, not in it: `--force` moves the directory aside while holding it."""
-        return self.root.parent / f".{self.root.name}.lock"
-
     def lock(self) -> None:
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UserError(
-                f"{self.root}: another emdctl process (pid {holder}) is using this run directory; "
-                "wait for it or stop it (Ctrl-C, or kill -TERM PID: it checkpoints first)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        """Held while a command uses the run (see storage.DirectoryLock)."""
+        self._lock = DirectoryLock(self.root, "run directory")
+        self._lock.acquire()
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- metrics -----------------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
@@ -131,9 +113,7 @@ def prepare(recipe, run: RunDir, resume: bool = False, force: bool = False) -> R
             old = None
         diffs = recipe_differences(old or {}, new)
         if diffs and force:
-            aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(root, aside)
-            print(f"moved the previous run aside to {aside}")
+            print(f"moved the previous run aside to {move_aside(root)}")
         elif diffs and resume:
             atomic_write(root / f"recipe.{time.strftime('%Y%m%d-%H%M%S')}.yaml", run.recipe_file.read_text())
         elif diffs:
@@ -143,8 +123,7 @@ def prepare(recipe, run: RunDir, resume: bool = False, force: bool = False) -> R
                 f"recipe, --force to move it aside and start over, or choose another --run-dir"
             )
     elif force and root.exists() and any(root.iterdir()):
-        aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(root, aside)
+        print(f"moved the previous run aside to {move_aside(root)}")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(run.recipe_file, dump_recipe(recipe))
     return run

@@ -14,8 +14,9 @@ what is missing; processes split the seeds in blocks of 1000. Outputs:
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,8 @@ from .generator import OneStepGenerator, generator_from_config, load_generator
 from .plots import save_image_grid, save_scatter, to_uint8
 from .progress import Progress
 from .rng import PerSeedRandom
-from .storage import atomic_path, atomic_write_json
+from .seeds import Seeds
+from .storage import DirectoryLock, atomic_path, atomic_write_json, move_aside
 
 SHARD = 1000
 SAMPLING_CHUNK = 64  # rows per network call, fixed: the numerics of a call depend on its shape
@@ -68,9 +70,13 @@ def open_generator(source: Path, use_ema: bool = True) -> tuple[OneStepGenerator
             from .export import ExportedGenerator
 
             return ExportedGenerator(source, config), config
-        return load_generator(source)
+        gen, config = load_generator(source)
+        refuse_nonfinite_weights(gen, source)
+        return gen, config
     if use_ema and (source / "generator" / "config.json").is_file():
-        return load_generator(source / "generator")
+        gen, config = load_generator(source / "generator")
+        refuse_nonfinite_weights(gen, source / "generator")
+        return gen, config
     if (source / "checkpoints" / "manifest.json").is_file():
         return generator_from_checkpoint(source, use_ema)
     raise UserError(f"{source}: neither a model directory (config.json) nor a run directory (checkpoints/)")
@@ -79,13 +85,25 @@ def open_generator(source: Path, use_ema: bool = True) -> tuple[OneStepGenerator
 def generator_from_checkpoint(run_dir: Path, use_ema: bool = True) -> tuple[OneStepGenerator, dict]:
     from .checkpoint import CheckpointManager, restore_module
 
-    tensors, meta = CheckpointManager(run_dir).load()
+    manager = CheckpointManager(run_dir)
+    tensors, meta = manager.load(repair=False)  # a reader changes nothing in the run
+    for note in manager.notes:
+        print(f"{run_dir}: {note}")
     cfg = meta.get("configs", {}).get("generator")
     if meta.get("kind") != "distill" or not cfg:
         raise UserError(f"{run_dir}: its checkpoints hold no generator (kind {meta.get('kind')!r})")
     gen = generator_from_config(cfg)
     restore_module("net.generator_ema" if use_ema else "net.generator", gen, tensors, str(run_dir))
+    refuse_nonfinite_weights(gen, run_dir)
     return gen.eval().requires_grad_(False), {**cfg, "teacher": meta["configs"].get("teacher", {})}
+
+
+def refuse_nonfinite_weights(gen: torch.nn.Module, source: Path) -> None:
+    for k, v in gen.state_dict().items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(
+                f"{source}: the generator's weights hold NaN/inf ({k}); it diverged: use an earlier checkpoint"
+            )
 
 
 def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) -> tuple[Callable, dict]:
@@ -115,7 +133,21 @@ def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) 
         return x.float(), labels
 
     data = {"kind": "image", "range": [-1.0, 1.0]} if len(den.img_shape) == 3 else {"kind": "vector"}
-    return fn, {"img_shape": list(den.img_shape), "label_dim": den.label_dim, "data": data, "teacher": teacher.source}
+    info = {"img_shape": list(den.img_shape), "label_dim": den.label_dim, "data": data, "teacher": teacher.source,
+            "weights": weights_digest(den), "steps": steps, "sampler": sampler}  # fmt: skip
+    return fn, info
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors (names, shapes, dtypes, bytes): the identity of what samples."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def newest_finished_run(runs_root: Path = Path("runs")) -> Path:
@@ -129,10 +161,13 @@ def newest_finished_run(runs_root: Path = Path("runs")) -> Path:
     return max(done, key=lambda d: (d / "summary.json").stat().st_mtime)
 
 
-def generator_sampler(gen: OneStepGenerator, steps: int | None, class_label: int | None, device) -> Callable:
+def generator_sampler(
+    gen: OneStepGenerator, steps: int | None, class_label: int | None, device, refuse_nonfinite: bool = True
+) -> Callable:
     """seeds -> (samples, one-hot labels or None), each row a function of its seed: what `emdctl
     sample` writes and what `emdctl evaluate` measures. Images are floats in [-1, 1], or uint8 from
-    an ONNX/TorchScript export (which quantizes itself)."""
+    an ONNX/TorchScript export (which quantizes itself). A generator whose samples are not finite
+    (it diverged) is refused with one line instead of writing NaN images."""
     gen = gen.to(device)
 
     def fn(seeds):
@@ -147,6 +182,11 @@ def generator_sampler(gen: OneStepGenerator, steps: int | None, class_label: int
             )
             labels = torch.nn.functional.one_hot(idx, gen.label_dim).float()
         x = gen.sample(z, labels, steps=steps, rng=rng)
+        if refuse_nonfinite and x.dtype != torch.uint8 and not bool(torch.isfinite(x).all()):
+            raise UserError(
+                f"the generator gives non-finite samples (seeds {seeds[0]}-{seeds[-1]}): it diverged; sample an "
+                "earlier checkpoint or retrain with a lower learning rate"
+            )
         return (x if x.dtype == torch.uint8 else x.float()), labels
 
     return fn
@@ -162,56 +202,43 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
         img.save(tmp, format="PNG", compress_level=1)
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
+IDENTITY = "identity.json"
 
 
-def _uncovered(a: int, b: int, done: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    gaps, cur = [], a
-    for x, y in done:
-        if y <= cur or x >= b:
-            continue
-        if x > cur:
-            gaps.append((cur, x))
-        cur = max(cur, y)
-    if cur < b:
-        gaps.append((cur, b))
-    return gaps
-
-
-def _done_parts(state_dir: Path) -> list[tuple[int, int]]:
-    parts = []
-    for p in state_dir.glob("part-*.done"):
-        a, b = p.stem.split("-")[1:3]
-        parts.append((int(a), int(b)))
-    return _merge(parts)
-
-
-def _check_seeds(state_dir: Path, seeds: list[int]) -> None:
-    """An output directory belongs to one seed list; resuming with another would mix samples."""
-    digest = hashlib.sha256(np.asarray(seeds, dtype=np.int64).tobytes()).hexdigest()
-    record = state_dir / "seeds.json"
-    if record.exists():
-        old = json.loads(record.read_text())
-        if old.get("sha256") != digest:
-            raise UserError(
-                f"{state_dir.parent}: holds samples of other seeds ({old.get('n')} seeds from {old.get('first')}); "
-                "use another --out"
-            )
+def _check_identity(out_dir: Path, state_dir: Path, identity: dict, force: bool) -> None:
+    """An output folder belongs to one (source weights, steps, sampler, format, seeds, ...): a
+    folder of other samples is refused (or moved aside with `force`), so samples never mix."""
+    record = state_dir / IDENTITY
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {"unreadable": True}
+        differs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        differs = ["(an existing folder without emdctl's sampling record)"]
     else:
-        atomic_write_json(record, {"n": len(seeds), "first": seeds[0], "last": seeds[-1], "sha256": digest})
+        differs = []
+    if differs and force:
+        print(f"moved the previous samples aside to {move_aside(out_dir)}")
+    elif differs:
+        raise UserError(
+            f"{out_dir}: holds other samples ({', '.join(differs)} differ); choose another output folder, or "
+            "pass --force to move the old one aside"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not record.is_file():
+        atomic_write_json(record, identity)
+
+
+def _block_name(a: int) -> str:
+    return f"block-{a:012d}"
 
 
 def run_sampling(
     fn: Callable,
     info: dict,
-    seeds: list[int],
+    seeds: Seeds,
     out_dir: Path,
     batch: int = 256,
     fmt: str = "png",
@@ -220,83 +247,124 @@ def run_sampling(
     show_progress: bool = True,
     barrier: Callable[[], None] = lambda: None,
     keep_float: bool = False,
+    force: bool = False,
 ) -> dict:
-    """Generate `seeds` with `fn` into `out_dir`. Each finished batch is recorded (by its range of
-    positions in the seed list), so a re-run, with any --batch, generates only what is missing.
+    """Generate `seeds` with `fn` into `out_dir`, in blocks of SHARD positions of the seed list. A
+    block is recorded when all of it is written (its npz, then its .done), so a re-run, with any
+    batch size or number of processes, generates exactly the blocks that are missing, and no image
+    can be written twice. The folder is locked while it is sampled, and belongs to one identity
+    (the source's weights, steps, sampler, format, seeds: see _check_identity).
     keep_float: images also go into the npz unquantized (arr_float, float32 [N, H, W, C])."""
     if fmt not in ("png", "npz", "both"):
-        raise UserError(f"--format must be png, npz or both (got {fmt!r})")
+        raise UserError(f"format must be png, npz or both (got {fmt!r})")
     if batch <= 0:
-        raise UserError("--batch must be positive")
+        raise UserError("the batch size must be positive")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: exists and is not a directory; give a folder for the samples")
-    state_dir = out_dir / ".shards"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        _check_seeds(state_dir, seeds)
-    barrier()
+        raise UserError(f"{out_dir}: exists and is not a directory; give a folder for the samples")
     is_image = info["data"].get("kind") == "image"
     want_png = fmt in ("png", "both") and is_image
     want_npz = fmt in ("npz", "both") or not is_image
     if keep_float and not (is_image and want_npz):
-        raise UserError("--keep-float needs images and --format npz or both")
+        raise UserError("keeping float images needs images and the npz or both format")
+    seeds = seeds if isinstance(seeds, Seeds) else Seeds([range(s, s + 1) for s in seeds])
     n = len(seeds)
-    blocks = [(a, min(a + SHARD, n)) for a in range(0, n, SHARD)][rank::world]
-    done = _done_parts(state_dir)
-    if keep_float and not all(_has_floats(p) for p in state_dir.glob("part-*.npz")):
-        raise UserError(f"{out_dir}: holds shards sampled without --keep-float; delete it or use another --out")
-    todo = []
-    for a, b in blocks:
-        for gx, gy in _uncovered(a, b, done):
-            todo += [(x, min(x + batch, gy)) for x in range(gx, gy, batch)]
-    total = sum(b - a for a, b in blocks)
-    t0 = time.time()
-    with Progress(total, "sampling", "img", enabled=show_progress) as bar:
-        bar.start_at(total - sum(b - a for a, b in todo))
-        with ThreadPoolExecutor(max_workers=8) as pool:
+    identity = {  # what decides the pixels: the same weights from another path resume the same folder
+        "weights": info.get("weights"),
+        "steps": info.get("steps"),
+        "levels": info.get("levels"),
+        "sampler": info.get("sampler"),
+        "ema": info.get("ema"),
+        "class": info.get("class"),
+        "format": fmt,
+        "keep_float": keep_float,
+        "seeds": seeds.digest(),
+        "n": n,
+    }
+    state_dir = out_dir / ".shards"
+    lock = DirectoryLock(out_dir, "sample folder") if rank == 0 else contextlib.nullcontext()
+    with lock:
+        if rank == 0:
+            check_disk_space(out_dir, n, info, want_png, want_npz, keep_float)
+            _check_identity(out_dir, state_dir, identity, force)
+        barrier()
+        blocks = [(a, min(a + SHARD, n)) for a in range(0, n, SHARD)][rank::world]
+        todo = [(a, b) for a, b in blocks if not (state_dir / f"{_block_name(a)}.done").is_file()]
+        total = sum(b - a for a, b in blocks)
+        t0 = time.time()
+        with Progress(total, "sampling", "img", enabled=show_progress) as bar, ThreadPoolExecutor(8) as pool:
+            bar.start_at(total - sum(b - a for a, b in todo))
             for a, b in todo:
-                part = seeds[a:b]
-                x, labels = in_chunks(fn, part)
-                x = x.cpu()
-                if is_image:
-                    arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
-                    if want_png:
-                        files = [out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png" for s in part]
-                        for f in [pool.submit(_write_png, path, img) for path, img in zip(files, arr, strict=True)]:
-                            f.result()
-                else:
-                    arr = x.numpy().astype(np.float32)
+                xs, xfs, ys = [], [], []
+                for c in range(a, b, batch):
+                    part = seeds[c : min(c + batch, b)]
+                    x, labels = in_chunks(fn, part)
+                    x = x.cpu()
+                    if is_image:
+                        arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
+                        if want_png:
+                            files = [out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png" for s in part]
+                            for f in [pool.submit(_write_png, p, img) for p, img in zip(files, arr, strict=True)]:
+                                f.result()
+                    else:
+                        arr = x.numpy().astype(np.float32)
+                    if want_npz:
+                        xs.append(arr)
+                        if keep_float:
+                            xfs.append(x.float().permute(0, 2, 3, 1).numpy())
+                        if labels is not None:
+                            ys.append(labels.argmax(1).cpu().numpy())
+                    bar.advance(len(part))
                 if want_npz:
-                    payload = {"x": arr, "seeds": np.asarray(part, dtype=np.int64)}
+                    payload = {"x": np.concatenate(xs)}
                     if keep_float:
-                        payload["xf"] = x.float().permute(0, 2, 3, 1).numpy()
-                    if labels is not None:
-                        payload["y"] = labels.argmax(1).cpu().numpy()
-                    with atomic_path(state_dir / f"part-{a:09d}-{b:09d}.npz") as tmp, open(tmp, "wb") as f:
+                        payload["xf"] = np.concatenate(xfs)
+                    if ys:
+                        payload["y"] = np.concatenate(ys)
+                    with atomic_path(state_dir / f"{_block_name(a)}.npz") as tmp, open(tmp, "wb") as f:
                         np.savez(f, **payload)
-                atomic_write_json(state_dir / f"part-{a:09d}-{b:09d}.done", {"seeds": b - a})
-                bar.advance(b - a)
-    elapsed = time.time() - t0
-    generated = sum(b - a for a, b in todo)
-    summary = {"images": n, "generated_now": generated, "seconds": elapsed,
-               "images_per_s": generated / elapsed if elapsed > 0 and generated else None}  # fmt: skip
-    barrier()
-    if rank == 0 and _done_parts(state_dir) == [(0, n)]:
-        if want_npz:
-            summary["npz"] = str(assemble_npz(out_dir, keep_float))
-        summary["preview"] = _preview(out_dir, seeds, is_image, want_npz)
-        atomic_write_json(out_dir / "sampling.json", {**info, "seeds": [seeds[0], seeds[-1]], "n": n})
+                atomic_write_json(state_dir / f"{_block_name(a)}.done", {"positions": [a, b]})
+        elapsed = time.time() - t0
+        generated = sum(b - a for a, b in todo)
+        summary = {"images": n, "generated_now": generated, "seconds": elapsed,
+                   "images_per_s": generated / elapsed if elapsed > 0 and generated else None}  # fmt: skip
+        barrier()
+        all_blocks = [(a, min(a + SHARD, n)) for a in range(0, n, SHARD)]
+        if rank == 0 and all((state_dir / f"{_block_name(a)}.done").is_file() for a, _ in all_blocks):
+            if want_npz:
+                summary["npz"] = str(assemble_npz(out_dir, [a for a, _ in all_blocks], keep_float))
+            summary["preview"] = _preview(out_dir, seeds, is_image, want_npz)
+            atomic_write_json(out_dir / "sampling.json", {**info, "seeds": [seeds[0], seeds[-1]], "n": n})
     return summary
+
+
+def check_disk_space(out_dir: Path, n: int, info: dict, png: bool, npz: bool, keep_float: bool) -> None:
+    """Refuse up front what cannot fit: the npz blocks and the assembled npz hold every image twice
+    (uint8, and float32 with keep_float); PNGs are counted at their uncompressed size."""
+    import shutil
+
+    size = math.prod(info["img_shape"])
+    per_image = (size * (2 if npz else 0) * (1 if info["data"].get("kind") == "image" else 4)
+                 + (size if png else 0) + (8 * size if keep_float else 0))  # fmt: skip
+    need = n * per_image
+    probe = out_dir if out_dir.exists() else out_dir.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UserError(
+            f"{out_dir}: {n:,} samples need about {need / 2**30:,.1f} GiB, and {free / 2**30:,.1f} GiB are free there; "
+            "free space, sample fewer, or write elsewhere"
+        )
 
 
 PREVIEW_DIR = ".preview"  # hidden, so that no image-folder reader takes a preview for a sample
 
 
-def _preview(out_dir: Path, seeds: list[int], is_image: bool, have_npz: bool) -> Path | None:
+def _preview(out_dir: Path, seeds: Seeds, is_image: bool, have_npz: bool) -> Path | None:
     if have_npz:
-        with np.load(out_dir / "samples.npz") as z:
-            x = torch.from_numpy(z["arr_0"][:4000])
+        with np.load(out_dir / "samples.npz", mmap_mode="r") as z:
+            x = torch.from_numpy(np.array(z["arr_0"][:4000]))
     else:
         files = [out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png" for s in seeds[:64]]
         x = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in files])
@@ -312,29 +380,31 @@ def _preview(out_dir: Path, seeds: list[int], is_image: bool, have_npz: bool) ->
     return None
 
 
-def _has_floats(part: Path) -> bool:
-    with np.load(part) as z:
-        return "xf" in z.files
+def assemble_npz(out_dir: Path, blocks: list[int], keep_float: bool = False) -> Path:
+    """samples.npz from the blocks in order, streamed block by block into the zip (np.load reads it
+    as any npz): memory holds one block at a time, whatever the number of samples."""
+    import zipfile
 
-
-def assemble_npz(out_dir: Path, keep_float: bool = False) -> Path:
-    parts = sorted((out_dir / ".shards").glob("part-*.npz"))
-    xs, ys, xfs = [], [], []
+    parts = [out_dir / ".shards" / f"{_block_name(a)}.npz" for a in blocks]
+    with np.load(parts[0]) as z:
+        keys = [k for k in ("x", "y", "xf") if k in z.files and (k != "xf" or keep_float)]
+        first = {k: z[k] for k in keys}
+    counts = []
     for p in parts:
-        with np.load(p) as z:
-            xs.append(z["x"])
-            if "y" in z:
-                ys.append(z["y"])
-            if keep_float:
-                xfs.append(z["xf"])
-    payload = {"arr_0": np.concatenate(xs)}
-    if ys:
-        payload["arr_1"] = np.concatenate(ys)
-    if keep_float:
-        payload["arr_float"] = np.concatenate(xfs)
+        with np.load(p, mmap_mode="r") as z:
+            counts.append(len(z["x"]))
+    total = sum(counts)
+    names = {"x": "arr_0", "y": "arr_1", "xf": "arr_float"}
     path = out_dir / "samples.npz"
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **payload)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key in keys:
+            header = {"descr": np.lib.format.dtype_to_descr(first[key].dtype), "fortran_order": False,
+                      "shape": (total, *first[key].shape[1:])}  # fmt: skip
+            with zf.open(f"{names[key]}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                for p in parts:
+                    with np.load(p) as z:
+                        f.write(np.ascontiguousarray(z[key]).tobytes())
     return path
 
 
@@ -355,9 +425,10 @@ def sample_command(
     keep_float: bool = False,
     threads: str | int = "auto",
     log=print,
+    force: bool = False,
 ) -> dict:
     """What `emdctl sample` does after parsing. No source and no teacher: the newest finished run
-    under runs/ (and `log` says which)."""
+    under runs/ (and `log` says which). `force`: an output folder of other samples is moved aside."""
     from . import distributed
     from .threads import cpu_threads
 
@@ -385,8 +456,10 @@ def sample_command(
                 "levels": gen.sampling_levels(steps),
                 "sampler": gen.sampler,
                 "ema": use_ema,
+                "class": class_label,
+                "weights": weights_digest(gen) if isinstance(gen, OneStepGenerator) else cfg.get("file_sha256"),
             }
         with torch.no_grad(), cpu_threads(threads, is_vector, dist.device):
             summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
-                                   show_progress and dist.is_main, dist.barrier, keep_float)  # fmt: skip
+                                   show_progress and dist.is_main, dist.barrier, keep_float, force)  # fmt: skip
     return {**summary, "source": str(source) if source is not None else str(teacher_recipe)}

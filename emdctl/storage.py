@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -67,9 +70,11 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and not e.filename:  # name the file the error is about
+            raise OSError(e.errno, e.strerror or str(e), str(target)) from None
         raise
 
 
@@ -86,7 +91,11 @@ def atomic_write_json(target: Path | str, obj) -> None:
 def atomic_save_safetensors(target: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(target) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+        try:
+            save_file(cpu, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # safetensors reports I/O failures (a full disk) as its own error
+            no_space = "No space" in str(e) or "os error 28" in str(e)
+            raise OSError(errno.ENOSPC if no_space else errno.EIO, str(e)[:200], str(target)) from None
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
@@ -97,14 +106,47 @@ def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def host_memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def read_safetensors(path: Path | str, what: str = "file") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, refused with one line when it is damaged or when what it
+    declares would not fit in memory (a sparse file can claim gigabytes it never wrote)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such {what}")
+    size = path.stat().st_size
+    free = host_memory_available()
+    if free is not None and size > free:
+        raise UserError(
+            f"{path}: {size / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory available; "
+            f"not an emdctl {what} this machine can read"
+        )
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: corrupt or truncated {what} ({e}); restore or re-create it") from None
+        raise UserError(f"{path}: corrupt or truncated {what} ({str(e)[:200]}); restore or re-create it") from None
+    except MemoryError:
+        raise UserError(f"{path}: does not fit in memory; not an emdctl {what} this machine can read") from None
+
+
+def safetensors_numel(path: Path | str, what: str = "file") -> int:
+    """Elements the file's header declares (read without loading a tensor)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: corrupt or truncated {what} ({str(e)[:200]}); restore or re-create it") from None
 
 
 def read_safetensors_metadata(path: Path | str, what: str = "file") -> dict[str, str]:
@@ -130,6 +172,62 @@ def read_json(path: Path | str, what: str = "file") -> dict:
     return obj
 
 
+class DirectoryLock:
+    """An exclusive lock on a directory that one emdctl process fills (a run, a sample folder). The
+    lock file sits beside the directory (`.NAME.lock`, holding the pid), so the directory itself can
+    be moved aside (`--force`) while the lock is held; a second process is refused at once with one
+    line naming the holder's pid."""
+
+    def __init__(self, directory: Path | str, what: str = "directory"):
+        self.directory = Path(directory)
+        self.what = what
+        self.path = self.directory.parent / f".{self.directory.name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(
+                f"{self.directory}: another emdctl process (pid {holder}) is using this {self.what}; wait for it "
+                "or stop it (Ctrl-C, or kill -TERM PID)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
+def move_aside(directory: Path) -> Path:
+    """Rename `directory` to NAME.replaced-TIME beside it (never delete what a user made)."""
+    import time
+
+    aside = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.replace(directory, aside)
+    return aside
+
+
 # --------------------------------------------------------------------------------------------
 # Model directories
 
@@ -137,8 +235,11 @@ def read_json(path: Path | str, what: str = "file") -> dict:
 def save_model_dir(directory: Path | str, state: dict[str, torch.Tensor], config: dict) -> Path:
     """Write weights + config into `directory` atomically (built beside it, then renamed in)."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory}: exists and is not a directory; give a folder for the model")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    _remove_stale_staging(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-{os.getpid()}-", dir=directory.parent))
     as_umask_allows(staging, directory=True)
     try:
         cfg = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **config}
@@ -158,6 +259,18 @@ def save_model_dir(directory: Path | str, state: dict[str, torch.Tensor], config
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Staging folders left by a save that was killed (their process is gone)."""
+    for old in directory.parent.glob(f".{directory.name}.staging-*"):
+        try:
+            pid = int(old.name.split(".staging-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, PermissionError, IndexError):
+            pass
 
 
 def load_model_dir(directory: Path | str, expect_kind: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -70,6 +70,16 @@ class Trainer:
         return tensors, meta
 
     def save_checkpoint(self) -> Path | None:
+        """Only a finite state is ever checkpointed: otherwise the run stops here, the last good
+        checkpoint kept (every rank checks the same weights, so all stop together)."""
+        bad = self.method.nonfinite_state()
+        if bad is not None:
+            last = self.ckpt.latest() if self.dist.is_main else None
+            raise TrainingStopped(
+                f"stopped at {self.images:,} images: {bad}, so it is not checkpointed; the last good checkpoint is "
+                f"{last.name if last else '(none)'}; lower the learning rates and re-run with --force",
+                EXIT_NONFINITE,
+            )
         if not self.dist.is_main:
             self._images_saved = self.images
             return None
@@ -80,7 +90,10 @@ class Trainer:
 
     def restore(self, path: Path | None = None) -> Path:
         tensors, meta = self.ckpt.load(path)
-        source = str(path or self.ckpt.latest())
+        source = str(path or self.ckpt.loaded)
+        for note in self.ckpt.notes:
+            self.log(f"[yellow]{note}[/]")
+        self.ckpt.notes.clear()
         if meta.get("kind") != self.recipe.kind:
             raise UserError(f"{source}: a {meta.get('kind')!r} checkpoint cannot resume a {self.recipe.kind!r} run")
         for name, module in self.method.modules().items():
@@ -114,7 +127,12 @@ class Trainer:
     # -- signals -----------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            last = self.ckpt.latest() if self.dist.is_main else None
+            raise TrainingStopped(
+                f"stopped by a second SIGINT at {self.images:,} images, without a new checkpoint; the last checkpoint "
+                f"({last.name if last else 'none'}) holds the progress up to it; re-run the same command to resume",
+                SIGNAL_EXIT[signal.SIGINT],
+            )
         self._stop_signal = signum
         name = signal.Signals(signum).name
         if self.dist.world_size == 1 and self._images_saved == self.images:
@@ -257,7 +275,8 @@ class Trainer:
         nan = self.recipe.nan
         self.nan_skipped += 1
         self.consecutive_skips += 1
-        if nan.policy == "skip" and self.consecutive_skips <= nan.max_skips:
+        skippable = not e.quantity.startswith("weights/")  # the step has already been taken
+        if nan.policy == "skip" and skippable and self.consecutive_skips <= nan.max_skips:
             self.log(
                 f"[yellow]iteration {self.iteration}: {e.quantity} is {e.value}; "
                 f"step skipped ({self.nan_skipped} so far)[/]"

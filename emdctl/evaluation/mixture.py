@@ -89,7 +89,7 @@ def mode_metrics(samples: torch.Tensor, mixture: GaussianMixture, seed: int = 0,
 
 @torch.no_grad()
 def generator_mode_metrics(
-    gen, mixture: GaussianMixture, seeds: list[int], device=None, within: float = 3.0
+    gen, mixture: GaussianMixture, seeds: list[int], device=None, within: float = 3.0, refuse_nonfinite: bool = True
 ) -> tuple[torch.Tensor, dict]:
     """Samples of a generator (its trained step count) on `seeds` (chunks of 4096, per-seed random
     numbers, as `emdctl sample` makes them) and their mode metrics: what `emdctl evaluate modes` and
@@ -98,6 +98,6 @@ def generator_mode_metrics(
 
     param = next(gen.parameters(), None)
     dev = device if device is not None else (param.device if param is not None else torch.device("cpu"))
-    fn = generator_sampler(gen, None, None, dev)
+    fn = generator_sampler(gen, None, None, dev, refuse_nonfinite=refuse_nonfinite)
     x = torch.cat([fn(seeds[i : i + 4096])[0].float().cpu() for i in range(0, len(seeds), 4096)])
     return x, mode_metrics(x, mixture, within=within)

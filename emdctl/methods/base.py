@@ -164,4 +164,17 @@ class Method:
             raise NonFiniteError(f"grad_norm/{name}", norm_v, self.last_diagnostics)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        # A finite gradient can still make non-finite weights (a huge learning rate): caught here,
+        # so that no checkpoint ever holds them (the trainer stops; no step can be skipped back).
+        weight_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in params]))))
+        if not math.isfinite(weight_norm):
+            raise NonFiniteError(f"weights/{name}", weight_norm, self.last_diagnostics)
         return {f"loss/{name}": loss.detach(), f"grad_norm/{name}": norm.detach()}
+
+    def nonfinite_state(self) -> str | None:
+        """What is not finite in the state a checkpoint would hold (None: all finite)."""
+        for name, module in self.modules().items():
+            for key, t in module.state_dict().items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return f"{name}.{key} holds NaN/inf"
+        return None

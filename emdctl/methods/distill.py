@@ -21,6 +21,7 @@ from .. import diffusion
 from ..data import IterationLoader, open_dataset
 from ..errors import UserError
 from ..generator import OneStepGenerator, build_generator
+from ..memory import check_fits
 from ..networks import build_denoiser
 from ..networks.precond import Denoiser
 from ..precision import apply_policy
@@ -45,6 +46,12 @@ class DistillationMethod(Method):
         self.img_shape = tuple(teacher.img_shape)
         self.label_dim = teacher.label_dim
         prec = recipe.precision
+        config = {**teacher.student_config}
+        config["arch_kwargs"] = {**config.get("arch_kwargs", {}), **recipe.generator.arch_overrides}
+        # Before anything is allocated: the generator, its EMA and the critic, with the gradients and
+        # two Adam moments of generator and critic (9 copies of a student's float32 weights).
+        check_fits(config, 9, self.batching.micro, prec.dtype, prec.checkpointing, self.device,
+                   "the teacher's network with generator.arch_overrides")  # fmt: skip
         gen = build_generator(teacher.student_config, recipe.generator.sigma_star, recipe.generator.arch_overrides)
         for m in (self.teacher, gen):
             apply_policy(m, prec.dtype, prec.channels_last, prec.checkpointing)
@@ -286,6 +293,18 @@ class DistillationMethod(Method):
         labels = one_hot(rng.randint(self.label_dim), self.label_dim) if self.label_dim else None
         return gen.sample(z, labels, rng=rng), labels
 
+    def nonfinite_state(self) -> str | None:
+        """Also the generators' samples on fixed seeds: weights can be finite yet so large that
+        every sample overflows (seen at lr 1e6)."""
+        bad = super().nonfinite_state()
+        if bad is not None:
+            return bad
+        for use_ema, name in ((True, "generator_ema"), (False, "generator")):
+            x, _ = self.sample_seeds(list(range(8)), use_ema=use_ema)
+            if not bool(torch.isfinite(x).all()):
+                return f"{name} gives non-finite samples"
+        return None
+
     def preview(self, path: Path) -> None:
         from .. import plots
 
@@ -304,7 +323,9 @@ class DistillationMethod(Method):
         --n n` computes them. Mixture teachers only (the recipe validation says so)."""
         from ..evaluation.mixture import generator_mode_metrics
 
-        _, m = generator_mode_metrics(self.generator_ema, self.teacher_info.mixture, list(range(n)), self.device)
+        _, m = generator_mode_metrics(
+            self.generator_ema, self.teacher_info.mixture, list(range(n)), self.device, refuse_nonfinite=False
+        )
         return {k: v for k, v in m.items() if isinstance(v, int | float)}
 
     def export(self, directory: Path, use_ema: bool = True) -> Path:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import IterationLoader, open_dataset
 from ..errors import UserError
+from ..memory import check_fits
 from ..networks import build_denoiser, preset_config
 from ..precision import apply_policy
 from ..rng import PerSeedRandom, derive_seed
@@ -44,12 +45,14 @@ class EDMTeacherTraining(Method):
         cfg = preset_config(
             net_cfg.arch, net_cfg.precond, self.img_shape, self.label_dim, net_cfg.kwargs, net_cfg.sigma_data
         )
+        prec = recipe.precision
+        # network, EMA, gradients and two Adam moments: refused before allocation when they cannot fit
+        check_fits(cfg, 5, self.batching.micro, prec.dtype, prec.checkpointing, self.device, "network.kwargs")
         torch.manual_seed(derive_seed(recipe.seed, "init"))  # fresh weights are a function of the seed
         try:
             net = build_denoiser(cfg)
         except (TypeError, ValueError) as e:
             raise UserError(f"network: cannot build {net_cfg.arch} for {self.img_shape} images ({e})") from None
-        prec = recipe.precision
         apply_policy(net, prec.dtype, prec.channels_last, prec.checkpointing)
         self.net = net.to(self.device).train()
         self.net_ema = copy.deepcopy(self.net).eval().requires_grad_(False)

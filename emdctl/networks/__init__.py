@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from .dhariwal import DhariwalUNet
@@ -91,6 +92,39 @@ def build_denoiser(config: dict) -> Denoiser:
     den = PRECONDS[precond](net, img_shape, label_dim, **pk)
     den.arch = {"arch": config["arch"], "arch_kwargs": config.get("arch_kwargs", {})}
     return den
+
+
+def build_on_meta(config: dict) -> Denoiser | None:
+    """The network a config describes, on the meta device (shapes, no memory); None for an
+    architecture whose constructor computes with its tensors, which meta tensors cannot do."""
+    try:
+        with torch.device("meta"):
+            return build_denoiser(config)
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" in str(e):
+            return None
+        raise
+
+
+def check_config_fits_weights(config: dict, state: dict, source: str) -> None:
+    """A config.json that does not describe the weights beside it (it is outside their checksum) is
+    refused before a network is allocated: built on the meta device, its values must number the
+    weights'. (A hand-edited width of 1e9 would otherwise allocate until the machine runs out.)"""
+    from ..errors import UserError
+
+    try:
+        den = build_on_meta(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: config.json does not describe a buildable network ({str(e)[:120]})") from None
+    if den is None:
+        return  # an architecture that computes while it is built (the MNIST DDPM's U-Net): no check
+    want = sum(v.numel() for v in den.state_dict().values())
+    have = sum(v.numel() for v in state.values())
+    if want != have:
+        raise UserError(
+            f"{source}: config.json describes a network of {want:,} values but the weights hold {have:,}; "
+            "they do not belong together (re-export or re-convert it)"
+        )
 
 
 def preset_config(preset: str, precond: str, img_shape, label_dim: int, overrides: dict, sigma_data=0.5) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from .. import diffusion
 from ..errors import UserError
-from ..networks import build_denoiser
+from ..networks import build_denoiser, check_config_fits_weights
 from ..networks.precond import Denoiser, DiscreteVPPrecond
 from ..networks.pulfer_unet import PulferUNet
 from ..storage import load_model_dir, load_state_strict, module_state, save_model_dir, sha256_file
@@ -97,7 +97,13 @@ def load_ddpm_pulfer(path: Path, timesteps=1000, beta_start=1e-4, beta_end=0.02,
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all mean the same here
-        msg = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text or "Weights only load failed" in text:
+            raise UserError(
+                f"{path}: holds pickled objects other than tensors, which a safe load refuses and emdctl never "
+                "runs; save the model's state_dict of tensors (torch.save(model.state_dict(), ...)) and use that"
+            ) from None
+        msg = text.splitlines()[0][:200] if text else e.__class__.__name__
         raise UserError(f"{path}: cannot read the teacher checkpoint safely ({msg})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a state_dict of tensors (MyDDPM or MyUNet)")
@@ -112,6 +118,9 @@ def load_ddpm_pulfer(path: Path, timesteps=1000, beta_start=1e-4, beta_end=0.02,
 
 def load_pretrained_denoiser(path: Path) -> Denoiser:
     config, state = load_model_dir(_existing(path, "model directory"), expect_kind="denoiser")
+    if not isinstance(config.get("denoiser"), dict):
+        raise UserError(f"{path}: config.json has no denoiser description; re-convert the teacher")
+    check_config_fits_weights(config["denoiser"], state, str(path))
     try:
         den = build_denoiser(config["denoiser"])
     except (KeyError, TypeError, ValueError) as e:
