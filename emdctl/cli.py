@@ -742,10 +742,10 @@ def demo_mnist_cmd(
 
 
 def _budget(text: str, option: str = "--budget") -> int:
-    from .recipe import _parse_image_count
+    from .recipe import parse_image_count
 
     try:
-        return _parse_image_count(text)
+        return parse_image_count(text)
     except ValueError as e:
         raise UserError(f"{option} {text!r}: {e}") from None
 
@@ -783,6 +783,9 @@ def bench(
     shared_images: Annotated[
         str, typer.Option(help="Images of the default recipe per run of the shared-cpu section (e.g. 200k).")
     ] = "200k",
+    shared_competitors: Annotated[
+        int, typer.Option(min=1, max=64, help="CPU-bound processes beside the shared-cpu section's runs.")
+    ] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
 ):
     """Throughput of forward, forward+backward, an EMD-K iteration, its Langevin loop and one-step
@@ -808,6 +811,7 @@ def bench(
         tuple(s.strip() for s in sections.split(",") if s.strip()),
         compare_unfused,
         shared_images=_budget(shared_images, "--shared-images"),
+        shared_competitors=shared_competitors,
         log=lambda m: err.print(m, markup=False),
     )
     info = res["info"]

@@ -14,6 +14,7 @@ Everything is resumable: re-running the same command continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -130,7 +131,7 @@ def demo_mixture(
 
 def _one_thread() -> None:
     # Worker processes of `--jobs`: side-by-side processes with torch's default thread count ran
-    # several times slower on 2 cores than with one thread each (README, Performance). Results do
+    # several times slower on 2 cores than with one thread each (docs/performance.md). Results do
     # not depend on the thread count (tests/test_demo.py).
     import torch
 
@@ -142,8 +143,8 @@ def _demo_mixture_logged(
 ) -> dict:
     """`demo_mixture` in a worker process, its console output in OUT/demo.log."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "demo.log", "w") as log:
-        console = Console(file=log, width=120)
+    with open(out / "demo.log", "w") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+        console = Console(file=log, width=120)  # progress lines (on stderr) go to the same log
         return demo_mixture(out, budget, preset, steps, seed, console, base, eval_every)
 
 

@@ -3,7 +3,7 @@
 Data x, noise level sigma, noisy x_s = x + sigma n, denoiser D(x_s; sigma) ~ E[x | x_s],
 score s(x_s; sigma) = (D(x_s; sigma) - x_s) / sigma^2. A VP model with x_t = a_t x + s_t n maps to
 this by sigma = s_t / a_t and x_s = x_t / a_t. All of emdctl runs in these coordinates (alpha = 1):
-the EMD E-step is invariant under that change of variables (see ALGORITHMS.md).
+the EMD E-step is invariant under that change of variables (docs/algorithm.md, "Notation").
 """
 
 from __future__ import annotations

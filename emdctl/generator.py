@@ -1,7 +1,7 @@
 """The generator: g(z) = D(sigma* z; sigma*), a denoiser evaluated at one noise level (or, for a
 few-step student, at each of a few trained levels by its sampler).
 
-It starts as a copy of the teacher (ALGORITHMS.md, 'Generator initialization') and is saved as a
+It starts as a copy of the teacher (docs/algorithm.md, 'Generator initialization') and is saved as a
 self-contained model directory (weights + JSON config), loadable without the recipe or teacher.
 """
 
@@ -22,7 +22,7 @@ from .storage import load_model_dir, load_state_strict, module_state, save_model
 SAMPLERS = ("renoise", "ancestral")
 
 
-def sampler_states(denoise, z, labels, levels: list[float], noises, kind: str) -> list[torch.Tensor]:
+def few_step_states(denoise, z, labels, levels: list[float], noises, kind: str) -> list[torch.Tensor]:
     """The noisy states of the few-step sampler started from unit noise z: sigma* z at levels[0],
     then one state per later level s, made from the previous state z_t at level t and its estimate
     x = denoise(z_t, t, labels): 'ancestral' draws z_s ~ q(z_s | z_t, x) (Moment Matching's
@@ -95,7 +95,7 @@ class OneStepGenerator(nn.Module):
             if rng is None:
                 raise ValueError("multi-step sampling needs per-seed random numbers")
             noises = [rng.randn(tuple(z.shape[1:])).to(z.device, z.dtype) for _ in levels[1:]]
-        states = sampler_states(self.denoiser, z, labels, levels, noises, self.sampler)
+        states = few_step_states(self.denoiser, z, labels, levels, noises, self.sampler)
         return self.denoiser(states[-1], levels[-1], labels)
 
     def config(self, data: dict | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""EMD's E-step: K Langevin steps on (eps, z), with noise cancellation (ALGORITHMS.md, Sec. 1).
+"""EMD's E-step: K Langevin steps on (eps, z), with noise cancellation (docs/algorithm.md).
 
 x = g(z) + sigma * eps (EDM coordinates, alpha = 1) and Delta(x) = s_teacher(x) - s_fake(x)
 = (D_teacher(x) - D_fake(x)) / sigma^2. The target density pi(eps, z) has

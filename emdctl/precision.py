@@ -36,9 +36,9 @@ def apply_policy(module: nn.Module, dtype: str = "fp32", channels_last: bool = F
     return module
 
 
-def maybe_compile(module: nn.Module, enabled: bool, device: torch.device, dynamic: bool = False):
-    """torch.compile the module's forward on CUDA when asked; CPU paths stay plain PyTorch."""
-    if not enabled or torch.device(device).type != "cuda":
+def compile_for(module: nn.Module, precision, device) -> nn.Module:
+    """The module compiled with torch.compile when `precision.compile` asks and the device is a GPU;
+    CPU paths stay plain PyTorch (the one rule every method follows)."""
+    if not precision.compile or torch.device(device).type != "cuda":
         return module
-    module.forward = torch.compile(module.forward, dynamic=dynamic)
-    return module
+    return torch.compile(module)

@@ -34,7 +34,7 @@ from .errors import UserError
 # Field types
 
 
-def _parse_image_count(value: Any) -> Any:
+def parse_image_count(value: Any) -> Any:
     """Durations and cadences are counted in images seen: 200000, "500k", "10M", "1.5M"."""
     if isinstance(value, bool):
         raise ValueError("expected an image count like 200000, 500k or 10M")
@@ -55,8 +55,8 @@ def _parse_image_count(value: Any) -> Any:
 # Bounds: values that validate must also run. Beyond these, allocations or the optimizer fail later
 # with a traceback (a batch of 1e12, an MLP of width 1e9, a learning rate of 1e308 or inf).
 MAX_IMAGES = 10**15
-ImageCount = Annotated[int, BeforeValidator(_parse_image_count), Field(ge=0, le=MAX_IMAGES)]
-PositiveImageCount = Annotated[int, BeforeValidator(_parse_image_count), Field(gt=0, le=MAX_IMAGES)]
+ImageCount = Annotated[int, BeforeValidator(parse_image_count), Field(ge=0, le=MAX_IMAGES)]
+PositiveImageCount = Annotated[int, BeforeValidator(parse_image_count), Field(gt=0, le=MAX_IMAGES)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0, le=2**31 - 1)]
 Width = Annotated[int, Field(gt=0, le=65536)]  # channels / units of a layer
@@ -239,9 +239,9 @@ class Langevin(Strict):
     cancel_noise: bool = True
     cancel_noise_z: bool = False
     # Keeping the -gamma eps prior pull in the M-step's direction adds zero-mean noise of size
-    # gamma K eps^0 to it; measured clearly worse (README, "The algorithm, as implemented").
+    # gamma K eps^0 to it; measured clearly worse (docs/algorithm.md, `prior_pull`).
     prior_pull: bool = False
-    fused_update: Literal["off", "on"] = "on"  # used on CUDA with Triton when gamma_z = 0 (README "Performance")
+    fused_update: Literal["off", "on"] = "on"  # used on CUDA with Triton when gamma_z = 0 (docs/performance.md)
 
 
 Weighting = Literal["sigma2", "uniform", "dmd"]
@@ -870,5 +870,7 @@ def format_validation_error(err: ValidationError, source: str, data: Any, model:
             text = e["msg"][0].lower() + e["msg"][1:] if e["msg"] else kind
             shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
             msg = f"{text} (got {shown})"
-        lines.append(f"{source}: {path or 'top level'}: {msg}")
+        line = f"{source}: {path or 'top level'}: {msg}"
+        # A key or value with control characters (a "\r" key) must not break the one-line format.
+        lines.append("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))
     return "\n".join(lines)

@@ -80,3 +80,14 @@ class PerSeedRandom:
     def randint(self, high: int) -> torch.Tensor:
         rows = [torch.randint(high, (1,), generator=g) for g in self.generators]
         return torch.cat(rows).to(self.device)
+
+    def latents_and_labels(
+        self, shape: tuple[int, ...], label_dim: int, class_label: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every sampler's first draws, in this order: the unit-noise latent of each seed, then (for
+        a class-conditional model) its class, one-hot; `class_label` fixes the class instead."""
+        z = self.randn(shape)
+        if not label_dim:
+            return z, None
+        idx = self.randint(label_dim) if class_label is None else torch.full((len(self.generators),), class_label)
+        return z, torch.nn.functional.one_hot(idx.to(self.device), label_dim).float()

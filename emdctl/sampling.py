@@ -110,7 +110,7 @@ def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) 
     """A function seeds -> (samples, labels) for the teacher a recipe names."""
     from .networks.precond import DiscreteVPPrecond
     from .recipe import load_recipe
-    from .samplers import ddpm_sampler, edm_sampler
+    from .solvers import ddpm_sampler, edm_sampler
     from .teachers import load_teacher
 
     r = load_recipe(recipe_path)
@@ -121,10 +121,7 @@ def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) 
 
     def fn(seeds):
         rng = PerSeedRandom(seeds, device)
-        latents = rng.randn(den.img_shape)
-        labels = None
-        if den.label_dim:
-            labels = torch.nn.functional.one_hot(rng.randint(den.label_dim), den.label_dim).float()
+        latents, labels = rng.latents_and_labels(den.img_shape, den.label_dim)
         kind = sampler if sampler != "auto" else ("ddpm" if isinstance(den, DiscreteVPPrecond) else "heun")
         if kind == "ddpm":
             x = ddpm_sampler(den, latents, labels, rng, num_steps=steps)
@@ -172,15 +169,7 @@ def generator_sampler(
 
     def fn(seeds):
         rng = PerSeedRandom(seeds, device)
-        z = rng.randn(gen.img_shape)
-        labels = None
-        if gen.label_dim:
-            idx = (
-                rng.randint(gen.label_dim)
-                if class_label is None
-                else torch.full((len(seeds),), class_label, device=device)
-            )
-            labels = torch.nn.functional.one_hot(idx, gen.label_dim).float()
+        z, labels = rng.latents_and_labels(gen.img_shape, gen.label_dim, class_label)
         x = gen.sample(z, labels, steps=steps, rng=rng)
         if refuse_nonfinite and x.dtype != torch.uint8 and not bool(torch.isfinite(x).all()):
             raise UserError(

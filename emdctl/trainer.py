@@ -177,7 +177,7 @@ class Trainer:
             return self.finish(final_checkpoint=False)
 
         if r.precision.compile and self.dist.device.type == "cuda":
-            # Otherwise the run looks hung: DDPM++ took ~2.5 minutes on an H100 (README "Performance").
+            # Otherwise the run looks hung: DDPM++ took ~2.5 minutes on an H100 (docs/performance.md).
             self.log("torch.compile: the first iterations compile the networks, which can take minutes on a GPU")
         previous = self._install_signals()
         accum: dict[str, torch.Tensor] = {}
@@ -258,8 +258,8 @@ class Trainer:
             out = self.method.export(self.run.root / self.export_name())
             summary["exported"] = str(out)
             records = self.run.read_metrics()
-            plotted = ("loss/", "grad_norm/", "langevin/", "di/", "gdd/", "eval/")
-            keys = {k for rec in records for k in rec if k.startswith(plotted)} - {"eval/n", "eval/modes_covered"}
+            keys = {k for rec in records for k in rec if k.startswith(self.method.plotted)}
+            keys -= {"eval/n", "eval/modes_covered", "eval/within_scales"}
             save_curves(records, sorted(keys), self.run.root / "curves.png")
             atomic_write_json(self.run.root / "summary.json", summary)
             self.log(f"done: {self.images:,} images; exported {out}")
@@ -408,7 +408,7 @@ def run_recipe(
 
 
 def _advise_on_level(recipe, teacher, console) -> None:
-    """Say when method.pin_level does not suit the teacher (README "The algorithm, as implemented")."""
+    """Say when method.pin_level does not suit the teacher (docs/algorithm.md)."""
     if not hasattr(recipe.method, "pin_level"):  # (a mixture teacher is never blind, nor pinnable)
         return
     blind, pinned = teacher.follows_level_shifts(), recipe.method.pin_level

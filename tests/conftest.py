@@ -14,18 +14,40 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parents[1]
 
 
+_FRESH_SEEDS: list[int] = []  # the seeds fresh() drew during the current test
+
+
 def fresh(seed: int | None = None) -> torch.Generator:
-    """A CPU generator: freshly seeded from OS entropy (a new draw every run) unless a seed is given."""
+    """A CPU generator: freshly seeded from OS entropy (a new draw every run) unless a seed is given.
+    A failing test reports the seeds it drew (to rerun it exactly: fresh(that seed))."""
     g = torch.Generator()
-    g.seed() if seed is None else g.manual_seed(seed)
+    if seed is None:
+        seed = g.seed()
+        _FRESH_SEEDS.append(seed)
+    else:
+        g.manual_seed(seed)
     return g
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed and _FRESH_SEEDS:
+        report.sections.append(("fresh random inputs", f"seeds drawn by fresh(): {_FRESH_SEEDS}"))
+
+
+@pytest.fixture(autouse=True)
+def _forget_fresh_seeds():
+    _FRESH_SEEDS.clear()
+    yield
 
 
 def shared_data_dir() -> Path | None:
     """../shared/data next to the checkout (or $EMDCTL_SHARED_DATA)."""
     env = os.environ.get("EMDCTL_SHARED_DATA")
     candidates = [Path(env)] if env else []
-    candidates += [REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data", Path("/work/shared/data")]
+    candidates += [REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data"]
     for c in candidates:
         if (c / "SOURCES.md").is_file():
             return c

@@ -9,13 +9,28 @@ from emdctl.bench import run_bench
 from emdctl.cli import app
 
 
-def test_bench_sections_and_ratios():
+def test_bench_sections_and_ratios(monkeypatch):
+    """Each row times the baseline, then the configured variant, with the same call; a clock that
+    says 0.5 s and then 0.2 s per call must come out as 2.5x, in the row's own units."""
+    import emdctl.bench as bench
+
+    timed = []
+
+    def fake_timeit(fn, device, warmup, iters):
+        fn()  # the call runs (it must work), the clock is ours
+        timed.append(fn)
+        return (0.5 if len(timed) % 2 else 0.2), None
+
+    monkeypatch.setattr(bench, "_timeit", fake_timeit)
     res = run_bench("tiny", batch=2, K=1, device_name="cpu", dtype="fp32", iters=1, warmup=0)
     names = list(res["results"])
     assert len(names) == 5 and names[0] == "denoiser forward" and "EMD-1 training iteration" in names
-    for row in res["results"].values():
-        assert row["baseline"] > 0 and row["configured"] > 0
-        assert abs(row["ratio"] - row["configured"] / row["baseline"]) < 1e-9
+    assert len(timed) == 10 and timed[0] is not timed[1]  # two separately built variants per row
+    fwd, emd = res["results"]["denoiser forward"], res["results"]["EMD-1 training iteration"]
+    assert (fwd["baseline"], fwd["configured"]) == pytest.approx((4.0, 10.0))
+    assert fwd["unit"] == "img/s" and emd["unit"] == "it/s"  # batch 2 / seconds; iterations / seconds
+    assert (emd["baseline"], emd["configured"]) == pytest.approx((2.0, 5.0))
+    assert all(row["ratio"] == pytest.approx(2.5, rel=1e-12) for row in res["results"].values())
     assert res["info"]["baseline"] == "eager fp32" and res["info"]["torch"]
 
 
@@ -74,6 +89,7 @@ print("compare ok")
 """
 
 
+@pytest.mark.slow
 def test_bench_times_the_fused_update_off_in_the_same_run():
     import os
     import subprocess

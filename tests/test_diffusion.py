@@ -11,7 +11,7 @@ from emdctl import diffusion
 from emdctl.networks import build_denoiser
 from emdctl.recipe import NoiseLevels
 from emdctl.rng import PerSeedRandom
-from emdctl.samplers import edm_sampler
+from emdctl.solvers import edm_sampler
 from emdctl.teachers.mixture import GaussianMixture, MixtureDenoiser, preset_mixture
 
 from .conftest import fresh

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import yaml
 
@@ -44,6 +45,7 @@ def run_distill(tmp_path, recipe_file, run_dir, nproc):
     return CheckpointManager(run_dir).load()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path):
     recipe = tiny_mixture_recipe(
         **{"batch.size": 32, "duration": 320, "checkpoint.every": 10_000, "method.langevin.gamma_z": 0.02}
@@ -58,6 +60,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
             assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
 
 
+@pytest.mark.slow
 def test_gdd_two_gloo_processes_equal_one(tmp_path):
     """GDD's discriminator is not DDP-wrapped (R1's double backward): its hand-averaged gradients,
     R1 steps included, must still give the single-process run."""
@@ -111,6 +114,7 @@ GRADIENT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_gradients_equal_across_world_sizes_and_micro_batches(tmp_path):
     script = tmp_path / "grad.py"
     script.write_text(GRADIENT_SCRIPT)

@@ -65,6 +65,7 @@ def feats(fs, tmp_path, x, name):
     return features_of_dataset(fs, open_dataset(write_npz(tmp_path / f"{name}.npz", x)), 256)
 
 
+@pytest.mark.slow
 def test_fd_of_a_set_against_itself_is_zero(fs, tmp_path):
     a = feats(fs, tmp_path, blobs(1500, seed=1)[0], "a")
     ref = reference_from_features(a, fs, {})
@@ -76,6 +77,7 @@ def test_fd_of_a_set_against_itself_is_zero(fs, tmp_path):
     assert m["precision"] == pytest.approx(1.0) and m["recall"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_fd_grows_monotonically_with_noise(fs, tmp_path):
     ref = reference_from_features(feats(fs, tmp_path, blobs(1200, seed=2)[0], "ref"), fs, {})
     values = []
@@ -213,6 +215,7 @@ def test_evaluate_a_generator_in_memory_with_seed_ranges(gray_generator, feature
     assert res2["runs"][0]["fd"] == pytest.approx(res["runs"][0]["fd"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_fidelity_onnx_input_with_emdctl_features(gray_generator, feature_file, tmp_path):
     pytest.importorskip("onnxruntime")
     import torch_fidelity
@@ -362,6 +365,7 @@ def test_mode_metrics_on_constructed_samples():
     assert m["modes_covered"] == int((mass >= 0.5 * expected).sum())
 
 
+@pytest.mark.slow
 def test_mode_spread_against_exact_samples_and_shrunk_copies():
     """Exact mixture samples have spread 1 (within 4 standard errors); the same samples pulled
     towards their means by a factor c have spread exactly c times theirs; the closed-form
@@ -432,6 +436,7 @@ def test_periodic_mode_metrics_match_evaluate_modes(tmp_path):
 
 
 @pytest.mark.parametrize("killed_in", ["evaluate", "save_checkpoint"])
+@pytest.mark.slow
 def test_a_start_killed_before_its_first_checkpoint_ends_with_the_same_evaluations(tmp_path, monkeypatch, killed_in):
     """Killed in the evaluation at 0 images, or after writing it but before the first checkpoint:
     re-running the same command starts afresh, with no stale or duplicated record, and ends with

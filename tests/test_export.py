@@ -26,6 +26,7 @@ def test_safetensors_export_is_self_contained(cond_generator, tmp_path):
     assert cfg["data"]["range"] == [-1.0, 1.0] and cfg["denoiser"]["arch"] == "dhariwalunet"
 
 
+@pytest.mark.slow
 def test_onnx_export_of_a_conditional_generator_matches_torch(cond_generator, tmp_path):
     pytest.importorskip("onnxruntime")
     res = export_command(cond_generator, "onnx", tmp_path / "onnx")

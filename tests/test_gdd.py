@@ -1,4 +1,4 @@
-"""GDD / GDD-I (ALGORITHMS.md, section 4) against its definition: GAN losses, lazy R1, the
+"""GDD / GDD-I (docs/algorithm.md, 'The baselines') against its definition: GAN losses, lazy R1, the
 generator step, the GDD-I freezing rule, no teacher calls, images with both feature networks."""
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def test_training_never_calls_the_teacher_on_vectors():
 
 
 def test_gdd_i_freezes_85_percent_of_ddpmpp():
-    """ALGORITHMS.md: GDD-I freezes ~85% of the parameters. On the CIFAR-10 DDPM++ (55.7M) the rule
+    """docs/algorithm.md: GDD-I freezes ~85% of the parameters. On the CIFAR-10 DDPM++ (55.7M) the rule
     (3x3 convs of U-Net blocks + attention output projections) freezes 85.4%."""
     with torch.device("meta"):
         den = build_denoiser(preset_config("ddpmpp", "edm", (3, 32, 32), 0, {}))
@@ -341,6 +341,7 @@ def test_efficientnet_weights_errors(effnet_weights, image_setup, tmp_path):
 
 
 @pytest.mark.parametrize("features", ["input", "teacher", "efficientnet"])
+@pytest.mark.slow
 def test_images_resume_bit_for_bit_and_gdd_i_keeps_frozen_weights(image_setup, tmp_path, features, request):
     disc = {}
     if features == "efficientnet":
@@ -395,6 +396,7 @@ def test_recipe_and_teacher_errors(image_setup, tmp_path):
         GDD(recipe, load_teacher(recipe.teacher), DistContext())
 
 
+@pytest.mark.slow
 def test_distill_gdd_on_the_mixture_end_to_end(tmp_path):
     """`emdctl distill` then `emdctl evaluate modes` on the 8 unequal Gaussians: the generator
     starts off the modes (the teacher's denoiser at sigma* = 2.5 averages them) and 100k images of

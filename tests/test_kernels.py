@@ -69,6 +69,7 @@ def _cuda_available() -> bool:
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_available(), reason="no CUDA device"))],
 )
+@pytest.mark.slow
 def test_fused_update_matches_float64_reference(device):
     env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
     res = subprocess.run([sys.executable, "-c", SCRIPT, device], env=env, capture_output=True, text=True, timeout=600)

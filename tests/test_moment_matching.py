@@ -1,4 +1,4 @@
-"""Moment Matching (alternating; one step and few steps) against its definition (ALGORITHMS.md, section 3)."""
+"""Moment Matching (alternating; one step and few steps) against its definition (docs/algorithm.md, 'The baselines')."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from emdctl.checkpoint import CheckpointManager
 from emdctl.diffusion import posterior_sample
 from emdctl.distributed import DistContext
 from emdctl.errors import UserError
-from emdctl.generator import SAMPLERS, load_generator, sampler_states
+from emdctl.generator import SAMPLERS, few_step_states, load_generator
 from emdctl.methods import MomentMatching
 from emdctl.recipe import parse_recipe
 from emdctl.rng import IterationDraws
@@ -157,6 +157,7 @@ def test_moment_matching_levels_above_sigma_star_are_refused():
         parse_recipe(data, "test")
 
 
+@pytest.mark.slow
 def test_distill_moment_matching_moves_mass_onto_the_modes(tmp_path):
     """`emdctl distill` end to end with method moment-matching on the 8 unequal Gaussians: the
     generator starts off the modes (it is the teacher's denoiser at sigma* = 2.5, which averages
@@ -220,7 +221,7 @@ def test_few_step_levels_are_edms_schedule_without_its_last_point():
 
 
 @pytest.mark.parametrize("kind", SAMPLERS)
-def test_sampler_states_are_the_written_out_steps_float64(kind):
+def test_few_step_states_are_the_written_out_steps_float64(kind):
     """Each state against the step written out by hand, with an exact Gaussian denoiser."""
     g = torch.Generator().manual_seed(fresh_seed())
     n, d, k = 32, 3, 5
@@ -233,7 +234,7 @@ def test_sampler_states_are_the_written_out_steps_float64(kind):
 
     z = torch.randn(n, d, generator=g, dtype=torch.float64)
     noises = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in levels[1:]]
-    states = sampler_states(denoise, z, None, levels, noises, kind)
+    states = few_step_states(denoise, z, None, levels, noises, kind)
     z_t = 8.0 * z
     assert len(states) == k and torch.equal(states[0], z_t)
     for i, (t, s) in enumerate(zip(levels, levels[1:], strict=False)):
@@ -346,6 +347,7 @@ def test_few_step_generator_round_trips_and_samples_with_its_trained_levels(tmp_
 
 
 @pytest.mark.parametrize("z_t", ["student", "data"])
+@pytest.mark.slow
 def test_few_step_images_resume_bit_for_bit(image_setup, tmp_path, z_t):
     """A class-conditional image teacher, 3 steps, z_t from the student or from labelled data."""
 
@@ -399,6 +401,7 @@ def test_few_step_images_resume_bit_for_bit(image_setup, tmp_path, z_t):
             assert json.loads(out.read_text())[str(run)] == want[ema]
 
 
+@pytest.mark.slow
 def test_distill_sample_export_a_two_step_student_end_to_end(tmp_path):
     """`emdctl distill` a 2-step student on the 8 Gaussians; `emdctl sample` and the evaluation
     during training use its trained 2-step sampler by default; the TorchScript export is the same
@@ -450,3 +453,18 @@ def test_distill_sample_export_a_two_step_student_end_to_end(tmp_path):
     z = torch.randn(50, 4)
     with torch.no_grad():
         assert torch.allclose(scripted(z), gen.sample(z[:, :2], noises=[z[:, 2:]]), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_curves_draw_what_the_method_logs(tmp_path, monkeypatch):
+    """Each method declares its metrics' prefixes; the trainer knows none of them by name, and
+    Moment Matching's own metric reaches curves.png."""
+    import emdctl.trainer as trainer
+
+    drawn = {}
+    monkeypatch.setattr(trainer, "save_curves", lambda records, keys, path: drawn.setdefault("keys", keys))
+    levels = {"dist": "loguniform", "sigma_min": 0.05, "sigma_max": 2.5}
+    r = parse_recipe(tiny_mixture_recipe(method={"name": "moment-matching", "noise_levels": levels}), "t")
+    run_recipe(r, run_dir=tmp_path / "run")
+    assert "mm/moment_gap_rms" in drawn["keys"] and "loss/gen" in drawn["keys"]
+    assert MomentMatching.plotted[-1] == "mm/" and "langevin/" not in MomentMatching.plotted

@@ -69,6 +69,7 @@ def test_epoch_permutations_visit_every_image_once_per_epoch():
     assert sorted(first) == list(range(37)) and sorted(second) == list(range(37)) and first != second
 
 
+@pytest.mark.slow
 def test_train_resume_and_distill_from_the_trained_teacher(edm_zip, tmp_path):
     run, summary = run_recipe(teacher_recipe(edm_zip), run_dir=tmp_path / "full")
     assert summary["images"] == 96 and (tmp_path / "full" / "teacher" / "config.json").is_file()

@@ -15,7 +15,7 @@ from emdctl.evaluation.stats import images_of
 from emdctl.networks import build_denoiser, preset_config
 from emdctl.networks.pulfer_unet import PulferUNet
 from emdctl.rng import PerSeedRandom
-from emdctl.samplers import ddpm_sampler
+from emdctl.solvers import ddpm_sampler
 from emdctl.teachers import load_ddpm_pulfer, load_pretrained_denoiser
 from emdctl.teachers.convert import convert_edm_pickle
 from emdctl.teachers.edm_pickle import load_edm_pickle
@@ -36,6 +36,7 @@ def test_mnist_teacher_loads_strict(shared_data):
     assert den.round_sigma(torch.tensor([den.grid[500].item() * 1.001])).item() == pytest.approx(den.grid[500].item())
 
 
+@pytest.mark.slow
 def test_mnist_teacher_in_edm_form_reproduces_the_plain_ddpm_loop(shared_data):
     """Same seeds, same pixels: the EDM-interface ancestral sampler vs the tutorial's own loop (float64)."""
     den = load_ddpm_pulfer(shared_data / TEACHER).double().eval()
@@ -64,7 +65,7 @@ def test_mnist_teacher_in_edm_form_reproduces_the_plain_ddpm_loop(shared_data):
 def test_mnist_teacher_cannot_see_an_images_dc_level(shared_data):
     """The checkpoint's first LayerNorm spans the whole image, so D(x + c; sigma) = D(x; sigma) + c
     at every noise level: its score has no restoring force on the mean brightness (its density is
-    flat along that direction). Kept on purpose (it is the teacher); README 'Results' explains what
+    flat along that direction). Kept on purpose (it is the teacher); docs/results/mnist-ddpm.md explains what
     that does to distillation. Float64, fresh random images, offsets and noise levels."""
     den = load_ddpm_pulfer(shared_data / TEACHER).double().eval()
     g = fresh()
@@ -81,7 +82,7 @@ def test_mnist_teacher_cannot_see_an_images_dc_level(shared_data):
 
 
 def test_mnist_teacher_eps_prediction_is_biased_towards_dark(shared_data):
-    """Why every student of this teacher drifts to black (README 'Results'): the teacher cannot see
+    """Why every student of this teacher drifts to black (docs/results/mnist-ddpm.md): the teacher cannot see
     the DC part of the noise (above), so the best it could predict for it is 0, but on real MNIST
     noised at several levels its predicted noise has a positive mean, i.e. its denoiser darkens by
     ~sigma * 0.01. A fake score of the same architecture is DC-blind too and can only learn ~0 there

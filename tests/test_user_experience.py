@@ -89,10 +89,11 @@ def test_threads_option_is_checked_and_not_part_of_the_recipe_identity(tmp_path)
     assert r.exit_code == 0 and "already trained" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_shared_cpu_rows(tmp_path):
     from emdctl.bench import run_shared_cpu
 
-    rows = run_shared_cpu(images=1024, log=lambda m: None)
+    rows = run_shared_cpu(images=512, log=lambda m: None, repeats=1)
     assert len(rows) == 3
     for row in rows.values():
         assert row["baseline"] > 0 and row["configured"] > 0
@@ -220,6 +221,7 @@ def test_train_features_warns_when_accuracy_is_low(tmp_path):
 # -- 5. strict mode metrics ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mode_mass_counts_only_samples_within_three_scales():
     from emdctl.evaluation.mixture import mode_metrics, within_probability
     from emdctl.teachers.mixture import GaussianMixture, preset_mixture
@@ -294,6 +296,7 @@ def test_evaluate_uses_the_reference_the_recipe_names(tmp_path, feature_file):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.slow
 def test_exports_sample_and_evaluate_like_the_safetensors_export(tmp_path, fmt):
     from emdctl.evaluation.stats import images_of
 
@@ -393,9 +396,12 @@ def test_the_readme_states_the_schemas_defaults():
         for part in field.split("."):
             node = node[part]
         assert node == yaml.safe_load(stated) or node == stated, (field, stated, node)
-    # inline statements of the Langevin options: "`name` (default on|off|**off**|value)"
+    # inline statements of the Langevin options in the docs: "`name` (default on|off|**off**|value)"
     langevin = resolved["method"]["langevin"]
-    for name, stated in re.findall(r"`([a-z_]+)`(?::[^()]*)? \(default \**(on|off|[\w.]+)\**", text):
+    docs = "".join((REPO / "docs" / f).read_text() for f in ("algorithm.md", "cli.md"))
+    stated_inline = re.findall(r"`([a-z_]+)`(?::[^()]*)? \(default \**(on|off|[\w.]+)\**", text + docs)
+    assert len([n for n, _ in stated_inline if n in langevin]) >= 3
+    for name, stated in stated_inline:
         if name in langevin:
             want = {"on": True, "off": False}.get(stated, stated)
             assert langevin[name] == want or str(langevin[name]) == stated, (name, stated)

@@ -108,6 +108,8 @@ class Method:
     """Interface the trainer drives; see DistillationMethod and EDMTeacherTraining."""
 
     name = "?"
+    # The metrics.jsonl keys (by prefix) drawn in curves.png; each method adds its own.
+    plotted: tuple[str, ...] = ("loss/", "grad_norm/", "eval/")
 
     def __init__(self, recipe, dist: DistContext):
         self.recipe = recipe

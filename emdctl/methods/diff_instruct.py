@@ -13,6 +13,7 @@ from .distill import DistillationMethod
 
 class DiffInstruct(DistillationMethod):
     name = "diff-instruct"
+    plotted = (*DistillationMethod.plotted, "di/")
 
     def generator_direction(self, draws, rows: slice):
         sigma, labels, z, eps = self.generator_inputs(draws, rows)

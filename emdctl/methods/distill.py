@@ -24,7 +24,7 @@ from ..generator import OneStepGenerator, build_generator
 from ..memory import check_fits
 from ..networks import build_denoiser
 from ..networks.precond import Denoiser
-from ..precision import apply_policy
+from ..precision import apply_policy, compile_for
 from ..rng import IterationDraws, PerSeedRandom
 from ..storage import load_state_strict
 from ..teachers import Teacher
@@ -37,6 +37,7 @@ def one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor | None:
 
 class DistillationMethod(Method):
     critic_name = "fake"  # the second network's name in checkpoints and configs
+    plotted = (*Method.plotted, "gen/")
     critic_ddp = True  # whether `fake` is trained through DDP (GDD averages its gradients by hand)
 
     def __init__(self, recipe, teacher: Teacher, dist):
@@ -70,14 +71,11 @@ class DistillationMethod(Method):
         self.pin_level = getattr(recipe.method, "pin_level", False)  # recipe.EMDMethod says why
         # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
         self.compiled = recipe.precision.compile and self.device.type == "cuda"
-        self.teacher_fn = self._maybe_compile(self.teacher)
-        self.fake_fn = self._maybe_compile(self.fake)
-        self.gen_fn = self._maybe_compile(self.generator)
-        self.generator_m = self._maybe_compile(self.generator_ddp)  # the M-step's forward/backward
-        self.fake_m = self._maybe_compile(self.fake_ddp)  # the fake score's DSM step
-
-    def _maybe_compile(self, module):
-        return torch.compile(module) if self.compiled else module
+        self.teacher_fn = compile_for(self.teacher, prec, self.device)
+        self.fake_fn = compile_for(self.fake, prec, self.device)
+        self.gen_fn = compile_for(self.generator, prec, self.device)
+        self.generator_m = compile_for(self.generator_ddp, prec, self.device)  # the M-step's forward/backward
+        self.fake_m = compile_for(self.fake_ddp, prec, self.device)  # the fake score's DSM step
 
     def build_critic(self, teacher: Teacher) -> nn.Module:
         """The second trained network (`self.fake`): here the fake score, a denoiser of the
@@ -289,8 +287,7 @@ class DistillationMethod(Method):
     def sample_seeds(self, seeds: list[int], use_ema: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         gen = self.generator_ema if use_ema else self.generator
         rng = PerSeedRandom(seeds, self.device)
-        z = rng.randn(self.img_shape)
-        labels = one_hot(rng.randint(self.label_dim), self.label_dim) if self.label_dim else None
+        z, labels = rng.latents_and_labels(self.img_shape, self.label_dim)
         return gen.sample(z, labels, rng=rng), labels
 
     def nonfinite_state(self) -> str | None:

@@ -23,9 +23,9 @@ from ..data import IterationLoader, open_dataset
 from ..errors import UserError
 from ..memory import check_fits
 from ..networks import build_denoiser, preset_config
-from ..precision import apply_policy
+from ..precision import apply_policy, compile_for
 from ..rng import PerSeedRandom, derive_seed
-from ..samplers import edm_sampler
+from ..solvers import edm_sampler
 from ..teachers import save_pretrained_denoiser
 from .base import Method, make_adam, no_sync, stats_of, wrap_ddp
 
@@ -57,7 +57,7 @@ class EDMTeacherTraining(Method):
         self.net = net.to(self.device).train()
         self.net_ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.net_ddp = wrap_ddp(self.net, dist)
-        self.net_fn = torch.compile(self.net_ddp) if prec.compile and self.device.type == "cuda" else self.net_ddp
+        self.net_fn = compile_for(self.net_ddp, prec, self.device)
         o = recipe.optim
         self.opt = make_adam(self.net.parameters(), o.lr, o.betas, o.eps, 0.0, self.device)
         self.loader = IterationLoader(self.dataset, recipe.seed, self.batching, self.device, d.xflip, "data/xflip")
@@ -111,10 +111,8 @@ class EDMTeacherTraining(Method):
 
         seeds = list(range(self.recipe.logging.grid_size))
         rng = PerSeedRandom(seeds, self.device)
-        labels = None
-        if self.label_dim:
-            labels = torch.nn.functional.one_hot(rng.randint(self.label_dim), self.label_dim).float()
-        x = edm_sampler(self.net_ema, rng.randn(self.img_shape), labels, rng, num_steps=18, dtype=torch.float32)
+        z, labels = rng.latents_and_labels(self.img_shape, self.label_dim)
+        x = edm_sampler(self.net_ema, z, labels, rng, num_steps=18, dtype=torch.float32)
         save_image_grid(x, path)
 
     def export(self, directory: Path, use_ema: bool = True) -> Path:

@@ -19,6 +19,7 @@ from .distill import DistillationMethod
 
 class EMD(DistillationMethod):
     name = "emd"
+    plotted = (*DistillationMethod.plotted, "langevin/")
 
     def __init__(self, recipe, teacher, dist):
         super().__init__(recipe, teacher, dist)

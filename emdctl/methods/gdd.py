@@ -64,6 +64,7 @@ def r1_penalty(real_logits: list[torch.Tensor], x_real: torch.Tensor) -> torch.T
 class GDD(DistillationMethod):
     name = "gdd"
     critic_name = "discriminator"
+    plotted = (*DistillationMethod.plotted, "gdd/")
     critic_ddp = False
 
     def __init__(self, recipe, teacher, dist):

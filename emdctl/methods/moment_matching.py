@@ -20,13 +20,14 @@ from __future__ import annotations
 import torch
 
 from ..diffusion import posterior_sample
-from ..generator import sampler_states
+from ..generator import few_step_states
 from ..rng import IterationDraws
 from .distill import DistillationMethod
 
 
 class MomentMatching(DistillationMethod):
     name = "moment-matching"
+    plotted = (*DistillationMethod.plotted, "mm/")
 
     def __init__(self, recipe, teacher, dist):
         super().__init__(recipe, teacher, dist)
@@ -62,7 +63,7 @@ class MomentMatching(DistillationMethod):
                 return t, torch.where(top, gen.sigma_star * z, diffused), labels
             deepest = int(step.max())
             noises = [draws.normal(f"{prefix}/chain{i}", shape, rows) for i in range(1, deepest + 1)]
-            states = sampler_states(
+            states = few_step_states(
                 lambda z_t, sigma, y: self.gen_fn(z_t, y, sigma=sigma), z, labels, gen.levels[: deepest + 1], noises,
                 "ancestral",
             )  # fmt: skip

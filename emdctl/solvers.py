@@ -1,4 +1,6 @@
-"""Teacher samplers people compare against, in EDM coordinates.
+"""Teacher solvers (the many-step samplers people compare against), in EDM coordinates. Not to be
+confused with emdctl.sampling (`emdctl sample`: writing samples at scale) or the generator's few-step
+states (emdctl.generator.few_step_states).
 
 * `edm_sampler`: EDM's Algorithm 2 (Heun, 2nd order) with optional stochastic churn, or Euler.
 * `ddpm_sampler`: ancestral DDPM for discrete-time VP models, on the model's own timestep grid
@@ -100,24 +102,3 @@ def ddpm_sampler(
         if i + 1 < len(ts):
             x_vp = x_vp + beta.sqrt() * rng.randn(shape).to(latents.device, dtype)
     return x_vp
-
-
-def sample_teacher(
-    net: Denoiser,
-    seeds: list[int],
-    labels: torch.Tensor | None = None,
-    sampler: str = "auto",
-    num_steps: int = 35,
-    device="cpu",
-    **kwargs,
-) -> torch.Tensor:
-    """Teacher samples for the given seeds (one latent per seed)."""
-    rng = PerSeedRandom(seeds, device)
-    latents = rng.randn(net.img_shape)
-    if labels is None and net.label_dim:
-        labels = torch.nn.functional.one_hot(rng.randint(net.label_dim), net.label_dim).float()
-    if sampler == "auto":
-        sampler = "ddpm" if isinstance(net, DiscreteVPPrecond) else "heun"
-    if sampler == "ddpm":
-        return ddpm_sampler(net, latents, labels, rng, num_steps=num_steps, **kwargs)
-    return edm_sampler(net, latents, labels, rng, num_steps=num_steps, solver=sampler, **kwargs)
