@@ -160,8 +160,8 @@ def distill(
     resolved recipe, metrics.jsonl, checkpoints, PNG previews and, at the end, generator/.
     """
     n_threads = _threads(threads)
+    from .commands.distill import run_recipe
     from .recipe import load_recipe
-    from .trainer import run_recipe
 
     r = load_recipe(recipe, set_ or [])
     if r.kind != "distill":
@@ -223,8 +223,8 @@ def teacher_train(
 ):
     """Train an EDM-style teacher on a dataset (EDM loss, log-normal sigma, EMA, auto-resume)."""
     n_threads = _threads(threads)
+    from .commands.distill import run_recipe
     from .recipe import load_recipe
-    from .trainer import run_recipe
 
     r = load_recipe(recipe, set_ or [])
     if r.kind != "teacher-train":
@@ -319,7 +319,7 @@ def sample(
         raise UserError(f"give a source ({source}) or --teacher {teacher}, not both")
     if keep_float and fmt is SampleFormat.png:
         raise UserError("--keep-float stores floats in samples.npz: add --format npz or --format both")
-    from .sampling import sample_command
+    from .commands.sample import sample_command
 
     summary = sample_command(
         source=source,
@@ -361,7 +361,7 @@ def export(
     ema: Annotated[bool, typer.Option(help="Export the EMA weights (default) or the raw generator.")] = True,
 ):
     """Export the generator: weights + JSON config (safetensors), or a portable ONNX/TorchScript module."""
-    from .export import export_command
+    from .commands.export import export_command
 
     result = export_command(source, fmt, out_dir or Path(source) / f"export-{fmt}", ema)
     out.print(f"wrote {result['path']}")
@@ -406,10 +406,11 @@ def _evaluate(metric, source, ref, ref_n, features, n, seeds, batch, steps, ema,
     ranges = _ranges(seeds, n)
     _new_file(json_out, "--json")
     n_threads = _threads(threads)
-    from .evaluation.report import evaluate_and_report
+    from .commands.evaluate import evaluate_and_report
 
     evaluate_and_report(
-        [metric], source, ref, features, n, ranges, batch, device, steps, weights, ema, json_out, out,
+        metrics=[metric], source=source, ref=ref, features=features, n=n, seed_ranges=ranges, batch=batch,
+        device=device, steps=steps, inception_weights=weights, ema=ema, json_out=json_out, console=out,
         threads=n_threads, ref_n=ref_n,
     )  # fmt: skip
 
@@ -575,9 +576,18 @@ def evaluate_modes(
     _new_file(plot, "--plot")
     _new_file(json_out, "--json")
     n_threads = _threads(threads)
-    from .evaluation.report import modes_and_report
+    from .commands.evaluate import modes_and_report
 
-    modes_and_report(sources, seed_list, plot, json_out, out, use_ema=ema, within=within, threads=n_threads)
+    modes_and_report(
+        sources=sources,
+        seeds=seed_list,
+        plot=plot,
+        json_out=json_out,
+        console=out,
+        use_ema=ema,
+        within=within,
+        threads=n_threads,
+    )
 
 
 @evaluate_app.command("stats")
@@ -595,26 +605,11 @@ def evaluate_stats(
 ):
     """Pixel statistics: brightness, contrast and the fraction of flat (degenerate) images."""
     _new_file(json_out, "--json")
-    from rich.table import Table
+    from .commands.evaluate import stats_command
 
-    from .distributed import resolve_device
-    from .evaluation.stats import as_rows, images_of, statistics_table
-    from .storage import atomic_write_json
-
-    dev = resolve_device(device)
-    stats = statistics_table(
-        {str(s): images_of(s, n, device=dev, use_ema=ema, shift=shift_background) for s in sources}
+    stats_command(
+        sources=sources, n=n, device=device, json_out=json_out, use_ema=ema, shift=shift_background, console=out
     )
-    table = Table(title="pixel statistics (grey levels 0-255; flat = per-image std < 10)")
-    table.add_column("statistic")
-    for s in stats:
-        table.add_column(s, justify="right")
-    for row in as_rows(stats):
-        table.add_row(*row)
-    out.print(table)
-    if json_out:
-        atomic_write_json(json_out, stats)
-        out.print(f"wrote {json_out}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,7 +649,7 @@ def demo_mixture_cmd(
     ] = 1,
 ):
     """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
-    from .demo import demo_mixture, demo_mixture_seeds, mixture_base
+    from .commands.demo import demo_mixture, demo_mixture_seeds, mixture_base
     from .seeds import parse_seeds
 
     if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
@@ -697,21 +692,21 @@ def demo_loop_cmd(
 ):
     """The quality loop: [train teacher] -> features -> teacher samples -> EMD and Diff-Instruct on the
     same budget -> FD to teacher and data, recall, flat-image fraction, side by side (resumable)."""
-    from .demo import demo_loop
+    from .commands.demo import demo_loop
 
     demo_loop(
-        out_dir,
-        recipe,
-        data,
-        _budget(budget) if budget else None,
-        n,
-        teacher_steps,
-        teacher_train,
-        features,
-        inception_weights,
-        device,
-        err,
-        shift_background,
+        out=out_dir,
+        distill_recipe=recipe,
+        data=data,
+        budget=_budget(budget) if budget else None,
+        n=n,
+        teacher_steps=teacher_steps,
+        teacher_train=teacher_train,
+        features=features,
+        inception_weights=inception_weights,
+        device=device,
+        console=err,
+        shift_background=shift_background,
     )
 
 
@@ -735,10 +730,11 @@ def demo_mnist_cmd(
     The teacher's score cannot see an image's mean level, so its samples' levels are arbitrary (most
     clip to flat squares); the rows marked "shifted" compare every model after setting each image's
     median pixel to black, i.e. on what the teacher does define."""
-    from .demo import demo_loop
+    from .commands.demo import demo_loop
 
     images = _budget(budget) if budget else None
-    demo_loop(out_dir, recipe, mnist, images, n, 1000, None, features, None, device, err, shift_background)
+    demo_loop(out=out_dir, distill_recipe=recipe, data=mnist, budget=images, n=n, teacher_steps=1000, features=features,
+              device=device, console=err, shift_background=shift_background)  # fmt: skip
 
 
 def _budget(text: str, option: str = "--budget") -> int:
@@ -790,59 +786,29 @@ def bench(
 ):
     """Throughput of forward, forward+backward, an EMD-K iteration, its Langevin loop and one-step
     sampling, each as a ratio to the eager fp32 baseline measured in the same run."""
-    from rich.table import Table
-
-    from .bench import run_bench
-    from .storage import atomic_write_json
-
     if dtype not in ("fp32", "bf16", "fp16"):
         raise UserError(f"--dtype {dtype!r}: allowed values are fp32, bf16, fp16")
-    res = run_bench(
-        net,
-        batch,
-        k,
-        device,
-        dtype,
-        compile,
-        channels_last,
-        fused,
-        iters,
-        warmup,
-        tuple(s.strip() for s in sections.split(",") if s.strip()),
-        compare_unfused,
+    from .commands.bench import bench_command
+
+    bench_command(
+        net=net,
+        batch=batch,
+        k=k,
+        device=device,
+        dtype=dtype,
+        compile=compile,
+        channels_last=channels_last,
+        fused=fused,
+        iters=iters,
+        warmup=warmup,
+        sections=tuple(s.strip() for s in sections.split(",") if s.strip()),
+        compare_unfused=compare_unfused,
         shared_images=_budget(shared_images, "--shared-images"),
         shared_competitors=shared_competitors,
+        json_out=json_out,
+        console=out,
         log=lambda m: err.print(m, markup=False),
     )
-    info = res["info"]
-    table = Table(
-        title=f"{info['net']} ({info['parameters'] / 1e6:.1f}M params), batch {info['batch']}, "
-        f"{info['device_name']}, torch {info['torch']}"
-    )
-    for col in (
-        "measurement",
-        f"baseline: {info['baseline']}",
-        f"configured: {info['configured']}",
-        "ratio",
-        "peak GB (base / conf)",
-    ):
-        table.add_column(col, justify="left" if col == "measurement" else "right")
-    for name, row in res["results"].items():
-        peak = (
-            f"{row['baseline_peak_gb']:.2f} / {row['configured_peak_gb']:.2f}"
-            if row["baseline_peak_gb"] is not None
-            else "-"
-        )
-        table.add_row(
-            name,
-            f"{row['baseline']:.2f} {row['unit']}",
-            f"{row['configured']:.2f} {row['unit']}",
-            f"{row['ratio']:.2f}x",
-            peak,
-        )
-    out.print(table)
-    if json_out:
-        atomic_write_json(json_out, res)
 
 
 def main() -> None:

@@ -127,3 +127,14 @@ def prepare(recipe, run: RunDir, resume: bool = False, force: bool = False) -> R
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(run.recipe_file, dump_recipe(recipe))
     return run
+
+
+def newest_finished_run(runs_root: Path = Path("runs")) -> Path:
+    """The run under runs_root that finished last (its summary.json and generator/ written)."""
+    done = [p.parent for p in Path(runs_root).glob("*/summary.json") if (p.parent / "generator").is_dir()]
+    if not done:
+        raise UserError(
+            f"no source given and no finished run under {runs_root}/; give a run or model directory "
+            "(e.g. runs/default after `emdctl distill`)"
+        )
+    return max(done, key=lambda d: (d / "summary.json").stat().st_mtime)

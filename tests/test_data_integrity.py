@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 
 from emdctl.checkpoint import CheckpointManager
 from emdctl.cli import app
+from emdctl.commands.distill import run_recipe
 from emdctl.errors import TrainingStopped, UserError
 from emdctl.recipe import parse_recipe
 from emdctl.storage import DirectoryLock
-from emdctl.trainer import EXIT_NONFINITE, run_recipe
+from emdctl.trainer import EXIT_NONFINITE
 
 from .conftest import make_generator, tiny_mixture_recipe
 

@@ -10,7 +10,7 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
-from emdctl.demo import demo_loop, demo_mixture, demo_mixture_seeds
+from emdctl.commands.demo import demo_loop, demo_mixture, demo_mixture_seeds
 from emdctl.errors import UserError
 from emdctl.evaluation.classifier import train_feature_net
 
@@ -99,18 +99,18 @@ def test_demo_mixture_cli_refuses_seed_and_seeds_together():
 def test_demo_mixture_set_reaches_both_runs_and_bad_fields_stop_before_any_run(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import emdctl.demo
+    import emdctl.commands.demo as demo_module
     from emdctl.cli import app
 
     seen = []
-    monkeypatch.setattr(emdctl.demo, "demo_mixture", lambda out, *a, **k: seen.append((out, a, k)))
+    monkeypatch.setattr(demo_module, "demo_mixture", lambda out, *a, **k: seen.append((out, a, k)))
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--set", "fake_score.steps_per_iteration=5"])
     assert res.exit_code == 0, res.output
     (_, (budget, preset, k, seed, _console, base), _) = seen[0]
     assert (budget, preset, k, seed) == (1_000_000, "ring8-unequal", 8, 0)
     assert base["fake_score"]["steps_per_iteration"] == 5
-    assert base["optim"] == emdctl.demo.read_yaml(emdctl.demo.DEFAULT_RECIPE_PATH)["optim"]  # the rest untouched
+    assert base["optim"] == demo_module.read_yaml(demo_module.DEFAULT_RECIPE_PATH)["optim"]  # the rest untouched
     # fields that depend on the duration are checked against --budget, not the default recipe's 200k
     decay = ["--set", "optim.decay.start=500k"]
     res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--budget", "1M", *decay])
@@ -120,7 +120,7 @@ def test_demo_mixture_set_reaches_both_runs_and_bad_fields_stop_before_any_run(t
     assert res.exit_code != 0 and "optim.decay.start (500,000 images) must come before" in res.output
     seen.pop()
     # and the base reaches each method's recipe
-    runs = emdctl.demo._variants(base, 640, 8)
+    runs = demo_module._variants(base, 640, 8)
     assert all(r["fake_score"]["steps_per_iteration"] == 5 for r in runs.values())
 
     for item, message in [
@@ -143,8 +143,8 @@ def test_demo_loop_on_the_mnist_teacher(tmp_path, shared_data):
     recipe = yaml.safe_load((REPO / "recipes" / "mnist.yaml").read_text())
     recipe["teacher"]["path"] = str(shared_data / "teachers" / "ddpm_mnist_pulfer_myunet.pt")
     (tmp_path / "mnist.yaml").write_text(yaml.safe_dump(recipe))
-    results = demo_loop(tmp_path / "loop", tmp_path / "mnist.yaml", shared_data / "mnist", budget=64, n=64,
-                        teacher_steps=10, features=features, device="cpu", console=QUIET,
+    results = demo_loop(out=tmp_path / "loop", distill_recipe=tmp_path / "mnist.yaml", data=shared_data / "mnist",
+                        budget=64, n=64, teacher_steps=10, features=features, device="cpu", console=QUIET,
                         shift_background=True)  # fmt: skip
     assert set(results) == {"teacher (10 steps)", "initial generator (1 step)", "EMD (1 step)",
                             "Diff-Instruct (1 step)", "real data"}  # fmt: skip
@@ -164,7 +164,7 @@ def test_demo_loop_checks_its_teacher_before_training_the_feature_space(tmp_path
     recipe["teacher"]["path"] = str(tmp_path / "no-teacher-here")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(UserError, match="no-teacher-here: no such model directory"):
-        demo_loop(tmp_path / "loop", tmp_path / "r.yaml", shared_data / "mnist", budget=64, n=8,
+        demo_loop(out=tmp_path / "loop", distill_recipe=tmp_path / "r.yaml", data=shared_data / "mnist", budget=64, n=8,
                   teacher_steps=2, device="cpu", console=QUIET)  # fmt: skip
     assert not (tmp_path / "loop" / "features.safetensors").exists()
 
@@ -172,11 +172,11 @@ def test_demo_loop_checks_its_teacher_before_training_the_feature_space(tmp_path
 def test_demo_mnist_trains_the_recipes_duration_unless_told(monkeypatch):
     from typer.testing import CliRunner
 
-    import emdctl.demo
+    import emdctl.commands.demo as demo_module
     from emdctl.cli import app
 
     seen = []
-    monkeypatch.setattr(emdctl.demo, "demo_loop", lambda out, recipe, data, budget, *a: seen.append(budget))
+    monkeypatch.setattr(demo_module, "demo_loop", lambda **k: seen.append(k["budget"]))
     for args, budget in (([], None), (["--budget", "16k"], 16_000)):
         res = CliRunner().invoke(app, ["demo", "mnist", *args])
         assert res.exit_code == 0, res.output

@@ -295,7 +295,7 @@ def test_pinned_level_stops_the_mnist_students_drift(shared_data):
 def test_runs_advise_when_pin_level_does_not_suit_the_teacher(shared_data, image_setup):
     from rich.console import Console
 
-    from emdctl.trainer import _advise_on_level
+    from emdctl.commands.distill import _advise_on_level
 
     mnist = {"kind": "ddpm-pulfer", "path": str(shared_data / "teachers" / "ddpm_mnist_pulfer_myunet.pt")}
     edm = {"kind": "pretrained", "path": str(image_setup / "teacher")}

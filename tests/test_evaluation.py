@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from emdctl.commands.evaluate import evaluate_command
 from emdctl.data import open_dataset
 from emdctl.errors import UserError
 from emdctl.evaluation import inception
 from emdctl.evaluation.classifier import train_feature_net
 from emdctl.evaluation.fidelity import (
     compute_metrics,
-    evaluate_command,
     features_of_dataset,
     get_reference,
     open_feature_space,
@@ -181,14 +181,14 @@ def gray_generator(tmp_path_factory):
 def test_evaluate_a_generator_in_memory_with_seed_ranges(gray_generator, feature_file, tmp_path):
     ref = write_npz(tmp_path / "ref.npz", blobs(400, seed=10)[0])
     res = evaluate_command(
-        ["all"],
-        gray_generator,
-        ref,
-        f"classifier:{feature_file}",
-        0,
-        [list(range(0, 300)), list(range(300, 600))],
-        128,
-        "cpu",
+        metrics=["all"],
+        source=gray_generator,
+        ref=ref,
+        features=f"classifier:{feature_file}",
+        n=0,
+        seed_ranges=[list(range(0, 300)), list(range(300, 600))],
+        batch=128,
+        device="cpu",
         log=lambda m: None,
     )
     assert len(res["runs"]) == 2 and res["comparable_to_published"] is False
@@ -196,20 +196,20 @@ def test_evaluate_a_generator_in_memory_with_seed_ranges(gray_generator, feature
     s = res["summary"]["fd"]
     assert s["min"] <= s["mean"] and s["min"] > 0
     # the same images written by `emdctl sample` give the same FD
-    from emdctl.sampling import sample_command
+    from emdctl.commands.sample import sample_command
 
     sample_command(source=gray_generator, teacher_recipe=None, seeds=list(range(300)), out_dir=tmp_path / "s",
                    batch=64, steps=1, fmt="npz", class_label=None, use_ema=True, sampler="auto", device_name="cpu",
                    show_progress=False)  # fmt: skip
     res2 = evaluate_command(
-        ["fid"],
-        tmp_path / "s" / "samples.npz",
-        ref,
-        f"classifier:{feature_file}",
-        300,
-        None,
-        128,
-        "cpu",
+        metrics=["fid"],
+        source=tmp_path / "s" / "samples.npz",
+        ref=ref,
+        features=f"classifier:{feature_file}",
+        n=300,
+        seed_ranges=None,
+        batch=128,
+        device="cpu",
         log=lambda m: None,
     )
     assert res2["runs"][0]["fd"] == pytest.approx(res["runs"][0]["fd"], rel=1e-6)
@@ -220,9 +220,9 @@ def test_torch_fidelity_onnx_input_with_emdctl_features(gray_generator, feature_
     pytest.importorskip("onnxruntime")
     import torch_fidelity
 
+    from emdctl.commands.export import export_command
     from emdctl.data import ImagesOnly
     from emdctl.evaluation import classifier
-    from emdctl.export import export_command
 
     out = export_command(gray_generator, "onnx", tmp_path / "onnx")
     assert out["verified"]["max_abs_diff"] <= 1
@@ -415,9 +415,9 @@ def test_periodic_mode_metrics_match_evaluate_modes(tmp_path):
     at each crossing and at the end; the last equals `emdctl evaluate modes` on the finished run."""
     from rich.console import Console
 
-    from emdctl.evaluation.report import modes_and_report
+    from emdctl.commands.distill import run_recipe
+    from emdctl.commands.evaluate import modes_and_report
     from emdctl.recipe import parse_recipe
-    from emdctl.trainer import run_recipe
 
     from .conftest import tiny_mixture_recipe
 
@@ -429,7 +429,9 @@ def test_periodic_mode_metrics_match_evaluate_modes(tmp_path):
     assert [r["images"] for r in evals] == [0, 320, 640, 704]
     assert all(r["eval/n"] == 3000 for r in evals)
     assert len({r["eval/tv_distance"] for r in evals}) > 1  # the generator moved
-    final = modes_and_report([run_dir], list(range(3000)), None, None, Console(quiet=True))[str(run_dir)]
+    final = modes_and_report(
+        sources=[run_dir], seeds=list(range(3000)), plot=None, json_out=None, console=Console(quiet=True)
+    )[str(run_dir)]
     for key in ("tv_distance", "off_mode_fraction", "mode_recall", "sliced_wasserstein"):
         assert evals[-1][f"eval/{key}"] == pytest.approx(final[key], abs=1e-9), key
     assert (run_dir / "curves.png").is_file()
@@ -442,9 +444,10 @@ def test_a_start_killed_before_its_first_checkpoint_ends_with_the_same_evaluatio
     re-running the same command starts afresh, with no stale or duplicated record, and ends with
     the records of an uninterrupted run."""
     from emdctl.checkpoint import CheckpointManager
+    from emdctl.commands.distill import run_recipe
     from emdctl.recipe import parse_recipe
     from emdctl.runs import RunDir
-    from emdctl.trainer import Trainer, run_recipe
+    from emdctl.trainer import Trainer
 
     from .conftest import tiny_mixture_recipe
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from emdctl.commands.export import export_command
 from emdctl.errors import UserError
-from emdctl.export import PortableGenerator, export_command
+from emdctl.export import PortableGenerator
 from emdctl.generator import load_generator
 
 from .conftest import make_generator

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from emdctl.checkpoint import CheckpointManager
+from emdctl.commands.distill import run_recipe
 from emdctl.distributed import DistContext
 from emdctl.errors import UserError
 from emdctl.methods import GDD
@@ -22,7 +23,6 @@ from emdctl.recipe import DiscriminatorSpec, parse_recipe
 from emdctl.rng import IterationDraws
 from emdctl.storage import load_model_dir
 from emdctl.teachers import load_teacher
-from emdctl.trainer import run_recipe
 
 from .conftest import tiny_mixture_recipe
 

@@ -9,6 +9,7 @@ import torch
 
 from emdctl import diffusion
 from emdctl.checkpoint import CheckpointManager
+from emdctl.commands.distill import run_recipe
 from emdctl.diffusion import posterior_sample
 from emdctl.distributed import DistContext
 from emdctl.errors import UserError
@@ -17,7 +18,6 @@ from emdctl.methods import MomentMatching
 from emdctl.recipe import parse_recipe
 from emdctl.rng import IterationDraws
 from emdctl.teachers import load_teacher
-from emdctl.trainer import run_recipe
 
 from .conftest import tiny_mixture_recipe
 

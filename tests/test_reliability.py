@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from emdctl import storage
 from emdctl.checkpoint import CheckpointManager, load_checkpoint
+from emdctl.commands.distill import run_recipe
 from emdctl.errors import TrainingStopped, UserError
 from emdctl.recipe import parse_recipe
-from emdctl.trainer import EXIT_NONFINITE, run_recipe
+from emdctl.trainer import EXIT_NONFINITE
 
 from .conftest import REPO, tiny_mixture_recipe
 

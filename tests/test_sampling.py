@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from emdctl.commands.sample import sample_command
 from emdctl.errors import UserError
-from emdctl.sampling import sample_command
 
 from .conftest import make_generator
 

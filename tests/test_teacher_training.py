@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from emdctl.checkpoint import CheckpointManager
+from emdctl.commands.distill import run_recipe
 from emdctl.data import EpochPermutations
 from emdctl.recipe import parse_recipe
-from emdctl.trainer import run_recipe
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,8 @@ def invoke(args, cwd=None):
 
 
 def distill_tiny(tmp_path, name="run", **overrides):
+    from emdctl.commands.distill import run_recipe
     from emdctl.recipe import parse_recipe
-    from emdctl.trainer import run_recipe
 
     recipe = parse_recipe(tiny_mixture_recipe(name=name, **overrides), "test")
     run, _ = run_recipe(recipe, run_dir=tmp_path / "runs" / name, console=Console(file=io.StringIO()))
@@ -181,33 +181,72 @@ def feature_file(tmp_path_factory):
 
 
 def test_evaluation_refuses_images_of_another_kind(feature_file):
-    from emdctl.evaluation.fidelity import FeatureSpace, Reference, _check_sides, evaluate_command
+    from emdctl.commands.evaluate import evaluate_command
+    from emdctl.evaluation.fidelity import FeatureSpace, Reference, check_sides
 
     feats = f"classifier:{feature_file / 'f.safetensors'}"
     with pytest.raises(UserError, match=r"3x8x8 .* trained on 1x8x8"):
-        evaluate_command(["fid"], feature_file / "rgb.npz", feature_file / "gray.npz", feats, 60, None, 16, "cpu")
+        evaluate_command(
+            metrics=["fid"],
+            source=feature_file / "rgb.npz",
+            ref=feature_file / "gray.npz",
+            features=feats,
+            n=60,
+            seed_ranges=None,
+            batch=16,
+            device="cpu",
+        )
     any_size = FeatureSpace(None, "x", "f", "l", "id", "FD", False)  # Inception-like: resizes any input
     ref = Reference(None, None, None, {"img_shape": [1, 8, 8]})
     with pytest.raises(UserError, match=r"reference .*gray.npz holds 1x8x8"):
-        _check_sides(any_size, (3, 8, 8), "rgb.npz", ref, feature_file / "gray.npz")
-    _check_sides(any_size, (1, 8, 8), "gray2.npz", ref, feature_file / "gray.npz")
+        check_sides(any_size, (3, 8, 8), "rgb.npz", ref, feature_file / "gray.npz")
+    check_sides(any_size, (1, 8, 8), "gray2.npz", ref, feature_file / "gray.npz")
 
 
 def test_small_sets_warn_and_is_refuses_too_few(feature_file):
-    from emdctl.evaluation.fidelity import evaluate_command
+    from emdctl.commands.evaluate import evaluate_command
 
     feats = f"classifier:{feature_file / 'f.safetensors'}"
     lines = []
-    res = evaluate_command(["fid", "kid"], feature_file / "gray.npz", feature_file / "gray.npz", feats, 8, None, 4,
-                           "cpu", log=lines.append, ref_n=8)  # fmt: skip
+    res = evaluate_command(
+        metrics=["fid", "kid"],
+        source=feature_file / "gray.npz",
+        ref=feature_file / "gray.npz",
+        features=feats,
+        n=8,
+        seed_ranges=None,
+        batch=4,
+        device="cpu",
+        log=lines.append,
+        ref_n=8,
+    )
     assert res["reference_images"] == 8 and "reference: 8 of the 60 images of" in " ".join(lines)
     assert any("FD from 8 samples and 8 reference images" in w for w in res["warnings"])
     assert any("KID from subsets of 8" in w for w in res["warnings"])
-    res = evaluate_command(["fid"], feature_file / "gray.npz", feature_file / "gray.npz", feats, 8, None, 4,
-                           "cpu", log=lines.append)  # fmt: skip
+    res = evaluate_command(
+        metrics=["fid"],
+        source=feature_file / "gray.npz",
+        ref=feature_file / "gray.npz",
+        features=feats,
+        n=8,
+        seed_ranges=None,
+        batch=4,
+        device="cpu",
+        log=lines.append,
+    )
     assert res["reference_images"] == 60 and any("reference: 60 of the 60 images of" in m for m in lines[-3:])
     with pytest.raises(UserError, match="at least 10 images"):
-        evaluate_command(["isc"], feature_file / "gray.npz", None, feats, 8, None, 4, "cpu", log=lambda m: None)
+        evaluate_command(
+            metrics=["isc"],
+            source=feature_file / "gray.npz",
+            ref=None,
+            features=feats,
+            n=8,
+            seed_ranges=None,
+            batch=4,
+            device="cpu",
+            log=lambda m: None,
+        )
 
 
 def test_train_features_warns_when_accuracy_is_low(tmp_path):
@@ -279,7 +318,7 @@ def test_sample_and_evaluate_without_a_source_use_the_newest_finished_run(tmp_pa
 
 
 def test_evaluate_uses_the_reference_the_recipe_names(tmp_path, feature_file):
-    from emdctl.evaluation.fidelity import evaluate_command
+    from emdctl.commands.evaluate import evaluate_command
 
     gen = make_generator(tmp_path / "run" / "generator", shape=(1, 8, 8), attn=())
     (tmp_path / "run" / "checkpoints").mkdir()
@@ -287,12 +326,32 @@ def test_evaluate_uses_the_reference_the_recipe_names(tmp_path, feature_file):
     recipe = {"evaluation": {"reference": str(feature_file / "gray.npz"), "features": feats}}
     (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     lines = []
-    res = evaluate_command(["fid"], gen, None, None, 20, None, 10, "cpu", log=lines.append)
+    res = evaluate_command(
+        metrics=["fid"],
+        source=gen,
+        ref=None,
+        features=None,
+        n=20,
+        seed_ranges=None,
+        batch=10,
+        device="cpu",
+        log=lines.append,
+    )
     assert res["reference"] == str(feature_file / "gray.npz") and res["features_ident"].startswith("classifier-")
     assert any("evaluation.reference" in m for m in lines)
     (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump({}))
     with pytest.raises(UserError, match="--ref is required .* evaluation.reference"):
-        evaluate_command(["fid"], gen, None, feats, 20, None, 10, "cpu", log=lines.append)
+        evaluate_command(
+            metrics=["fid"],
+            source=gen,
+            ref=None,
+            features=feats,
+            n=20,
+            seed_ranges=None,
+            batch=10,
+            device="cpu",
+            log=lines.append,
+        )
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

@@ -25,7 +25,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
-from ..data import ImagesOnly, detect_format, open_dataset
+from ..data import ImagesOnly, open_dataset
 from ..errors import UserError
 from ..hub import cache_dir
 from ..progress import Progress, track
@@ -292,120 +292,13 @@ def sample_size_problems(metrics: list[str], n: int, n_ref: int | None, fs: Feat
     return warnings
 
 
-def _source_kind(source: Path) -> str:
+def source_kind(source: Path) -> str:
     if (source / "config.json").is_file() or (source / "checkpoints").is_dir() or (source / "generator").is_dir():
         return "generator"
     return "dataset"
 
 
-def recipe_reference(source: Path) -> tuple[Path | None, str | None]:
-    """(evaluation.reference, evaluation.features) of the recipe of the run `source` is or belongs to."""
-    import yaml
-
-    for run in (source, source.parent):
-        recipe = run / "recipe.yaml"
-        if (run / "checkpoints").is_dir() and recipe.is_file():
-            try:
-                section = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("evaluation") or {}
-            except (OSError, yaml.YAMLError, AttributeError):
-                return None, None
-            ref = section.get("reference")
-            return (Path(ref) if ref else None), section.get("features")
-    return None, None
-
-
-def evaluate_command(
-    metrics: list[str],
-    source: Path | None,
-    ref: Path | None,
-    features: str | None,
-    n: int,
-    seed_ranges: list[list[int]] | None,
-    batch: int,
-    device: str = "auto",
-    steps: int | None = None,
-    inception_weights: Path | None = None,
-    use_ema: bool = True,
-    log=print,
-    threads: str | int = "auto",
-    ref_n: int | None = None,
-) -> dict:
-    """No source: the newest finished run under runs/. No ref (and no features): the run's recipe's
-    evaluation.reference (and evaluation.features) when it names them. A reference dataset gives
-    its first ref_n images (all by default; the log says how many)."""
-    from ..distributed import resolve_device
-    from ..threads import cpu_threads
-
-    metrics = list(METRICS) if metrics == ["all"] else metrics
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise UserError(f"unknown metric {bad[0]!r} (allowed: {', '.join(METRICS)}, all)")
-    if source is None:
-        from ..sampling import newest_finished_run
-
-        source = newest_finished_run()
-        log(f"evaluating the newest finished run: {source}")
-    source = Path(source)
-    if not source.exists():
-        raise UserError(f"{source}: no such generator, run directory or dataset")
-    needs_ref = any(m != "isc" for m in metrics)
-    named_ref, named_features = recipe_reference(source)
-    if features is None:
-        features = named_features or "inception"
-    if needs_ref and ref is None:
-        if named_ref is None:
-            raise UserError(
-                "--ref is required for fid, kid and prc (a dataset or a statistics file from `evaluate ref`), "
-                "unless the run's recipe names evaluation.reference"
-            )
-        ref = named_ref
-        log(f"reference named by the run's recipe (evaluation.reference): {ref}")
-    dev = resolve_device(device)
-    fs = open_feature_space(features, inception_weights, dev)
-    reference = get_reference(ref, fs, batch, ref_n, log) if needs_ref else None
-    runs: list[dict] = []
-    warnings: list[str] = []
-    if _source_kind(source) == "generator":
-        from ..sampling import open_generator
-
-        gen, _ = open_generator(source, use_ema)
-        if len(gen.img_shape) != 3:
-            raise UserError(f"{source}: a vector generator; use `emdctl evaluate modes` for mixture problems")
-        _check_sides(fs, tuple(gen.img_shape), str(source), reference, ref)
-        ranges = seed_ranges or [list(range(n))]
-        for seeds in ranges:
-            warnings += sample_size_problems(metrics, len(seeds), _ref_images(reference), fs)
-            with cpu_threads(threads, False, dev):
-                feats = features_of_generator(fs, gen, seeds, batch, dev, steps)
-            runs.append({"seeds": f"{seeds[0]}-{seeds[-1]}", **compute_metrics(metrics, feats, reference, fs)})
-    else:
-        detect_format(source)
-        ds = open_dataset(source, use_labels=False)
-        _check_sides(fs, tuple(ds.shape()), str(source), reference, ref)
-        used = min(len(ds), n)
-        warnings += sample_size_problems(metrics, used, _ref_images(reference), fs)
-        with cpu_threads(threads, False, dev):
-            feats = features_of_dataset(fs, ds, batch, n, "samples")
-        runs.append({"images": used, **compute_metrics(metrics, feats, reference, fs)})
-    warnings = list(dict.fromkeys(warnings))
-    for w in warnings:
-        log(f"[yellow]warning: {w}[/]")
-    keys = [k for k in runs[0] if k not in ("seeds", "images")]
-    summary = {k: {"min": min(r[k] for r in runs), "mean": float(np.mean([r[k] for r in runs]))} for k in keys}
-    return {
-        "feature_space": fs.label,
-        "comparable_to_published": fs.comparable,
-        "features_ident": fs.ident,
-        "source": str(source),
-        "reference": str(ref) if ref else None,
-        "reference_images": _ref_images(reference),
-        "runs": runs,
-        "summary": summary,
-        "warnings": warnings,
-    }
-
-
-def _ref_images(reference: Reference | None) -> int | None:
+def reference_images(reference: Reference | None) -> int | None:
     if reference is None:
         return None
     if reference.features is not None:
@@ -413,7 +306,7 @@ def _ref_images(reference: Reference | None) -> int | None:
     return reference.meta.get("images")
 
 
-def _check_sides(fs: FeatureSpace, shape: tuple, what: str, reference: Reference | None, ref: Path | None) -> None:
+def check_sides(fs: FeatureSpace, shape: tuple, what: str, reference: Reference | None, ref: Path | None) -> None:
     """The two sides must hold the same kind of images, and the feature space must fit them."""
     check_input_shape(fs, shape, what)
     ref_shape = reference.meta.get("img_shape") if reference is not None else None

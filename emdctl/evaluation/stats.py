@@ -61,13 +61,13 @@ def images_of(
 
     from ..plots import to_uint8
     from ..sampling import generator_sampler, in_chunks, open_generator
-    from .fidelity import _source_kind
+    from .fidelity import source_kind
 
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source}: no such generator, run directory or dataset")
     level = shift_background if shift else (lambda x: x)
-    if _source_kind(source) == "generator":
+    if source_kind(source) == "generator":
         gen, _ = open_generator(source, use_ema)
         gen = gen.to(device)
         if len(gen.img_shape) != 3:

@@ -24,10 +24,10 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
-from .recipe import DEFAULT_RECIPE_PATH, apply_overrides, parse_recipe, read_yaml
-from .storage import atomic_write_json
-from .trainer import run_recipe
+from ..errors import UserError
+from ..recipe import DEFAULT_RECIPE_PATH, apply_overrides, parse_recipe, read_yaml
+from ..storage import atomic_write_json
+from .distill import run_recipe
 
 
 def _variants(base: dict, budget: int, steps: int) -> dict[str, dict]:
@@ -93,7 +93,7 @@ def demo_mixture(
 ) -> dict:
     """`base`: the recipe both runs start from (default: the embedded default recipe);
     `eval_every`: also record mode metrics during training (images; 0: off)."""
-    from .evaluation.report import modes_and_report
+    from .evaluate import modes_and_report
 
     base = copy.deepcopy(base) if base is not None else read_yaml(DEFAULT_RECIPE_PATH)
     base["teacher"]["preset"] = preset
@@ -106,7 +106,13 @@ def demo_mixture(
         console.print(f"[bold]{name}[/]: {budget:,} images", highlight=False)
         run_recipe(parse_recipe(data, f"demo ({name})"), run_dir=out / name, console=console)
         runs[name] = out / name
-    results = modes_and_report(list(runs.values()), list(range(20000)), out / "modes.png", out / "modes.json", console)
+    results = modes_and_report(
+        sources=list(runs.values()),
+        seeds=list(range(20000)),
+        plot=out / "modes.png",
+        json_out=out / "modes.json",
+        console=console,
+    )
     plots = [out / f"modes-{i + 1}.png" for i in range(len(runs))]
     _side_by_side(plots, out / "modes-side-by-side.png")
     summary = {
@@ -189,8 +195,8 @@ def demo_mixture_seeds(
     paired statistics say how much of it is. With `eval_every`, the same comparison at every
     evaluation point of training as well (trace.json, tv-over-training.png). `jobs` > 1 runs that
     many seeds at once in worker processes of one thread each (the same results)."""
-    from .evaluation.paired import paired_comparison
-    from .plots import save_paired
+    from ..evaluation.paired import paired_comparison
+    from ..plots import save_paired
 
     if len(seeds) < 2:
         raise UserError(f"--seeds: a paired comparison needs at least two seeds (got {len(seeds)})")
@@ -239,8 +245,8 @@ def _training_evaluations(run: Path) -> dict[int, float]:
 
 def _paired_trace(out: Path, seeds: list[int], steps: int, console: Console) -> dict:
     """The paired comparison at every evaluation point all runs share."""
-    from .evaluation.paired import paired_comparison
-    from .plots import save_lines
+    from ..evaluation.paired import paired_comparison
+    from ..plots import save_lines
 
     runs = {m: [_training_evaluations(out / f"seed-{s}" / m) for s in seeds] for m in ("diff-instruct", "emd")}
     points = sorted(set.intersection(*(set(t) for traces in runs.values() for t in traces)))
@@ -288,6 +294,7 @@ def _paired_trace(out: Path, seeds: list[int], steps: int, console: Console) -> 
 
 
 def demo_loop(
+    *,
     out: Path,
     distill_recipe: Path,
     data: Path,
@@ -306,15 +313,15 @@ def demo_loop(
     samples and the real data. shift_background: also evaluate every image set after
     `shift_background` (for a teacher whose score cannot see an image's mean level), as rows marked
     "shifted"."""
-    from .distributed import resolve_device
-    from .evaluation.classifier import train_feature_net
-    from .evaluation.fidelity import compute_metrics, open_feature_space, reference_from_features
-    from .evaluation.stats import images_of, pixel_statistics
-    from .generator import build_generator
-    from .plots import save_image_grid
-    from .sampling import sample_command
-    from .storage import load_state_strict
-    from .teachers import load_teacher
+    from ..distributed import resolve_device
+    from ..evaluation.classifier import train_feature_net
+    from ..evaluation.fidelity import compute_metrics, open_feature_space, reference_from_features
+    from ..evaluation.stats import images_of, pixel_statistics
+    from ..generator import build_generator
+    from ..plots import save_image_grid
+    from ..storage import load_state_strict
+    from ..teachers import load_teacher
+    from .sample import sample_command
 
     console = console or Console(stderr=True)
     dev = resolve_device(device)
