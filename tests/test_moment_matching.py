@@ -116,7 +116,7 @@ def test_generator_gradient_is_the_papers_loss_gradient():
 def test_zero_generator_gradient_while_the_auxiliary_denoiser_is_the_teacher(steps):
     m = build_k(steps)
     assert generator_grad(m).abs().max() > 0  # the fitted network is not the exact teacher
-    m.fake_fn = m.teacher_fn
+    m.inference.fake = m.inference.teacher
     assert generator_grad(m).abs().max() == 0
 
 

@@ -67,9 +67,9 @@ def run_recipe(
 
 def _advise_on_level(recipe, teacher, console) -> None:
     """Say when method.pin_level does not suit the teacher (docs/algorithm.md)."""
-    if not hasattr(recipe.method, "pin_level"):  # (a mixture teacher is never blind, nor pinnable)
+    if not recipe.method.can_pin_level or recipe.teacher.is_mixture:  # (a mixture is never blind)
         return
-    blind, pinned = teacher.follows_level_shifts(), recipe.method.pin_level
+    blind, pinned = teacher.follows_level_shifts(), recipe.method.levels_pinned()
     if blind and not pinned:
         console.print(
             "[yellow]teacher: its denoiser follows any shift of an image's mean level (D(x + c) = D(x) + c), so "

@@ -17,12 +17,12 @@ class DiffInstruct(DistillationMethod):
 
     def generator_direction(self, draws, rows: slice):
         sigma, labels, z, eps = self.generator_inputs(draws, rows)
-        x0 = self.generator_m(z, labels)
+        x0 = self.training.generator(z, labels)
         s = sigma.reshape(-1, *([1] * len(self.img_shape)))
         x = x0.detach() + s * eps
         with torch.no_grad():
-            d_t = self.teacher_fn(x, sigma, labels)
-            d_f = self.fake_fn(x, sigma, labels)
+            d_t = self.inference.teacher(x, sigma, labels)
+            d_f = self.inference.fake(x, sigma, labels)
         delta = (d_t - d_f) / s.square()
         w = self.weight(sigma, x0.detach(), d_t)
         return x0, delta, w, {"di/sigma_delta_rms": (s * delta).square().mean().sqrt()}

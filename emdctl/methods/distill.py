@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +35,27 @@ from .base import Method, decay_factor, make_adam, no_sync, stats_of, wrap_ddp
 
 def one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor | None:
     return torch.nn.functional.one_hot(indices, label_dim).float() if label_dim else None
+
+
+@dataclass
+class Inference:
+    """Forwards that take no gradient into their own weights: the teacher's targets, the E-step,
+    samples for the critic (compiled on a GPU when the recipe asks)."""
+
+    teacher: Callable
+    generator: Callable
+    fake: Callable
+
+
+@dataclass
+class Training:
+    """The two trained networks as their optimizer steps see them: wrapped for DDP (no_sync on all
+    but the last micro-batch) and their (compiled) forwards."""
+
+    generator_ddp: nn.Module
+    fake_ddp: nn.Module
+    generator: Callable
+    fake: Callable
 
 
 class DistillationMethod(Method):
@@ -61,21 +84,27 @@ class DistillationMethod(Method):
         self.generator: OneStepGenerator = gen.to(self.device).train()
         self.generator_ema: OneStepGenerator = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.fake = fake.to(self.device).train()
-        self.generator_ddp = wrap_ddp(self.generator, dist)
-        self.fake_ddp = wrap_ddp(self.fake, dist) if self.critic_ddp else self.fake
         o = recipe.optim
         trainable = [p for p in self.generator.parameters() if p.requires_grad]
         self.opt_gen = make_adam(trainable, o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device)
         critic_trainable = [p for p in self.fake.parameters() if p.requires_grad]  # GDD: frozen feature nets
         self.opt_fake = make_adam(critic_trainable, o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device)
-        self.pin_level = getattr(recipe.method, "pin_level", False)  # recipe.EMDMethod says why
+        self.pin_level = recipe.method.levels_pinned()  # recipe.schema.PinnableSpec says why
         # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
         self.compiled = recipe.precision.compile and self.device.type == "cuda"
-        self.teacher_fn = compile_for(self.teacher, prec, self.device)
-        self.fake_fn = compile_for(self.fake, prec, self.device)
-        self.gen_fn = compile_for(self.generator, prec, self.device)
-        self.generator_m = compile_for(self.generator_ddp, prec, self.device)  # the M-step's forward/backward
-        self.fake_m = compile_for(self.fake_ddp, prec, self.device)  # the fake score's DSM step
+        self.inference = Inference(
+            compile_for(self.teacher, prec, self.device),
+            compile_for(self.generator, prec, self.device),
+            compile_for(self.fake, prec, self.device),
+        )
+        generator_ddp = wrap_ddp(self.generator, dist)
+        fake_ddp = wrap_ddp(self.fake, dist) if self.critic_ddp else self.fake
+        self.training = Training(
+            generator_ddp,
+            fake_ddp,
+            compile_for(generator_ddp, prec, self.device),  # the M-step's forward/backward
+            compile_for(fake_ddp, prec, self.device),  # the fake score's DSM step
+        )
 
     def build_critic(self, teacher: Teacher) -> nn.Module:
         """The second trained network (`self.fake`): here the fake score, a denoiser of the
@@ -203,7 +232,7 @@ class DistillationMethod(Method):
         detached generator sample x0 re-noised to sigma."""
         sigma, labels, z, noise = self.draw_inputs(draws, f"fake{j}", self.recipe.fake_score.noise_levels, rows)
         with torch.no_grad():
-            x0 = self.gen_fn(z, labels)
+            x0 = self.inference.generator(z, labels)
         s = sigma.reshape(-1, *([1] * len(self.img_shape)))
         return x0 + s * noise, sigma, labels, x0, (x0,)
 
@@ -212,8 +241,8 @@ class DistillationMethod(Method):
         loss_sum = torch.zeros((), device=self.device)
         for m, rows in enumerate(rows_list):
             x_in, sigma, labels, x0, targets = self.fake_batch(draws, j, rows)
-            with no_sync(self.fake_ddp, m == len(rows_list) - 1):
-                d = self.fake_m(x_in, sigma, labels)
+            with no_sync(self.training.fake_ddp, m == len(rows_list) - 1):
+                d = self.training.fake(x_in, sigma, labels)
                 err = sum((d - t).square() for t in targets)
                 per_sample = self.fake.dsm_weight(sigma) * err.flatten(1).sum(1)
                 loss = per_sample.sum() / self.batching.local_size
@@ -249,7 +278,7 @@ class DistillationMethod(Method):
         loss_sum = torch.zeros((), device=self.device)
         stats: dict[str, torch.Tensor] = {}
         for m, rows in enumerate(rows_list):
-            with no_sync(self.generator_ddp, m == len(rows_list) - 1):
+            with no_sync(self.training.generator_ddp, m == len(rows_list) - 1):
                 x0, d, w, st = self.generator_direction(draws, rows)
                 if self.pin_level:
                     level = d.mean(dim=(-2, -1), keepdim=True)

@@ -25,7 +25,7 @@ class EMD(DistillationMethod):
         super().__init__(recipe, teacher, dist)
         lang, prec = recipe.method.langevin, recipe.precision
         self.e_step_fn = e_step
-        self.e_step_nets = (self.gen_fn, self.teacher_fn, self.fake_fn)
+        self.e_step_nets = (self.inference.generator, self.inference.teacher, self.inference.fake)
         if self.compiled and lang.fused_update == "off":
             # The whole loop as one graph (K is fixed; no data-dependent Python control flow inside),
             # with the plain modules inside so that the networks inline into it.
@@ -82,7 +82,7 @@ class EMD(DistillationMethod):
             prior_pull=lang.prior_pull,
             fused_update=fused,
         )
-        x0 = self.generator_m(res.z, labels)
+        x0 = self.training.generator(res.z, labels)
         s = sigma.reshape(-1, *([1] * len(self.img_shape)))
         d = res.eps_m / s
         w = self.weight(sigma, x0.detach(), res.d_teacher)

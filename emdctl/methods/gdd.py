@@ -71,7 +71,7 @@ class GDD(DistillationMethod):
         super().__init__(recipe, teacher, dist)
         # Never compiled: the teacher-feature hooks stop the teacher early by raising, which does
         # not trace; the heads are small next to the generator.
-        self.fake_m = self.fake
+        self.training.fake = self.fake
         self.open_real_data(recipe.method.data)
         self._real_labels: dict[int, torch.Tensor | None] = {}
 
@@ -125,12 +125,12 @@ class GDD(DistillationMethod):
         k = len(reals)
         for rows, (x_real, labels) in zip(self.batching.micro_rows(), reals, strict=True):
             with torch.no_grad():
-                x_fake = self.gen_fn(draws.normal(f"disc{j}/z", shape, rows), labels)
+                x_fake = self.inference.generator(draws.normal(f"disc{j}/z", shape, rows), labels)
             x_real = x_real.detach().requires_grad_(r1)
             both = None if labels is None else torch.cat([labels, labels])
             seen = [self.augmented(x_real, draws, f"disc{j}/aug-real", rows),
                     self.augmented(x_fake, draws, f"disc{j}/aug-fake", rows)]  # fmt: skip
-            logits = self.fake_m(torch.cat(seen), both)
+            logits = self.training.fake(torch.cat(seen), both)
             real = [v[: len(x_real)] for v in logits]
             fake = [v[len(x_real) :] for v in logits]
             per_sample = discriminator_loss(real, fake, m.loss)
@@ -164,7 +164,7 @@ class GDD(DistillationMethod):
 
     def generator_direction(self, draws, rows: slice):
         labels = self._real_labels.get(rows.start)
-        x0 = self.generator_m(draws.normal("gen/z", self.global_shape(), rows), labels)
+        x0 = self.training.generator(draws.normal("gen/z", self.global_shape(), rows), labels)
         x = x0.detach().requires_grad_(True)
         per_sample = generator_loss(
             self.fake(self.augmented(x, draws, "gen/aug", rows), labels), self.recipe.method.loss

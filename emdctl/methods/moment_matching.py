@@ -4,7 +4,7 @@ The student samples ancestrally: from z_t at one of its levels t it predicts x~ 
 moves to the next level by z_s ~ q(z_s | z_t, x~) (a one-step student maps z_t = sigma* z at
 t = sigma* straight to its sample). Moment matching asks that the student's first moment at every
 s below a step's level equal the teacher's: E_g[x~ | z_s] = D_teacher(z_s). Training draws s,
-takes the step t above it (the smallest level >= s; recipe.MomentMatchingMethod says where z_t
+takes the step t above it (the smallest level >= s; recipe.schema.MomentMatchingSpec says where z_t
 comes from) and re-noises the student's x~ to z_s. The auxiliary denoiser g_phi (the shared
 "fake" network, initialized from the teacher) is trained on
     w(s) [ ||x~ - g_phi(z_s)||^2 + ||D_teacher(z_s) - g_phi(z_s)||^2 ],
@@ -63,8 +63,9 @@ class MomentMatching(DistillationMethod):
                 return t, torch.where(top, gen.sigma_star * z, diffused), labels
             deepest = int(step.max())
             noises = [draws.normal(f"{prefix}/chain{i}", shape, rows) for i in range(1, deepest + 1)]
+            student = self.inference.generator
             states = few_step_states(
-                lambda z_t, sigma, y: self.gen_fn(z_t, y, sigma=sigma), z, labels, gen.levels[: deepest + 1], noises,
+                lambda z_t, sigma, y: student(z_t, y, sigma=sigma), z, labels, gen.levels[: deepest + 1], noises,
                 "ancestral",
             )  # fmt: skip
             return t, torch.stack(states)[step, torch.arange(len(step), device=step.device)], labels
@@ -89,16 +90,16 @@ class MomentMatching(DistillationMethod):
         teacher's denoised estimate (the loss of the module docstring)."""
         with torch.no_grad():
             levels = self.recipe.fake_score.noise_levels
-            x0, z_s, s, labels = self.student_sample(self.gen_fn, draws, f"mm-aux{j}", levels, rows)
-            d_t = self.teacher_fn(z_s, s, labels)
+            x0, z_s, s, labels = self.student_sample(self.inference.generator, draws, f"mm-aux{j}", levels, rows)
+            d_t = self.inference.teacher(z_s, s, labels)
         return z_s, s, labels, x0, (x0, d_t)
 
     def generator_direction(self, draws, rows: slice):
         levels = self.recipe.method.noise_levels
-        x0, z_s, sigma, labels = self.student_sample(self.generator_m, draws, "gen", levels, rows)
+        x0, z_s, sigma, labels = self.student_sample(self.training.generator, draws, "gen", levels, rows)
         with torch.no_grad():
-            d_t = self.teacher_fn(z_s, sigma, labels)
-            d_aux = self.fake_fn(z_s, sigma, labels)
+            d_t = self.inference.teacher(z_s, sigma, labels)
+            d_aux = self.inference.fake(z_s, sigma, labels)
         s = sigma.reshape(-1, *([1] * len(self.img_shape)))
         delta = (d_t - d_aux) / s.square()
         w = self.weight(sigma, x0.detach(), d_t)

@@ -241,7 +241,7 @@ def load_teacher(spec, seed: int = 0, device: str | torch.device = "cpu") -> Tea
         source = f"pretrained:{spec.path}"
     else:  # pragma: no cover - the recipe schema rejects other kinds
         raise UserError(f"unknown teacher kind {kind!r}")
-    expected = getattr(spec, "resolution", None)
+    expected = spec.expected_resolution()
     if expected is not None and den.img_shape[-1] != expected:
         raise UserError(
             f"teacher.resolution: the recipe expects {expected}x{expected} images but the teacher "

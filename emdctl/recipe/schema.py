@@ -1,34 +1,19 @@
-"""Recipes: YAML files validated by pydantic.
+"""The recipe schema: pydantic models, the one source of every default.
 
 A recipe is plain data. Every run dumps its fully resolved recipe (all defaults filled in) beside
-its outputs, so a run directory alone says exactly what was run. Two kinds exist:
-`distill` (the default) and `teacher-train`.
-
-Validation errors are turned into one readable line per problem, naming the file, the field path
-and the allowed values (see `format_validation_error`).
+its outputs, so a run directory alone says exactly what was run. Two kinds exist: `distill` (the
+default) and `teacher-train`. Each section's spec class owns its rules; a method's rules against
+the rest of the recipe live in its spec's `check` (MethodSpecBase).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import re
-import types
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
-
-from .errors import UserError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # --------------------------------------------------------------------------------------------
 # Field types
@@ -138,7 +123,25 @@ class TeacherFit(Strict):
     lr: LearningRate = 2e-3
 
 
-class MixtureTeacher(Strict):
+class TeacherSpecBase(Strict):
+    """What the rules of other sections need to know of a teacher, whatever its kind."""
+
+    is_mixture: ClassVar[bool] = False
+
+    def expected_resolution(self) -> int | None:
+        """The image resolution the recipe expects of the teacher (checked when it is loaded)."""
+        return None
+
+
+class ImageTeacherSpec(TeacherSpecBase):
+    """A network teacher of images; each kind has a `resolution` field (checked when loaded)."""
+
+    def expected_resolution(self) -> int | None:
+        return self.resolution
+
+
+class MixtureTeacherSpec(TeacherSpecBase):
+    is_mixture: ClassVar[bool] = True
     kind: Literal["mixture"]
     preset: Literal["ring8-unequal", "ring8", "grid25-unequal"] | None = None
     mixture: MixtureSpec | None = None
@@ -152,7 +155,7 @@ class MixtureTeacher(Strict):
         return self
 
 
-class DDPMPulferTeacher(Strict):
+class DDPMPulferTeacherSpec(ImageTeacherSpec):
     """A discrete-time epsilon-prediction DDPM with Pulfer's MyUNet (the MNIST teacher in shared/data)."""
 
     kind: Literal["ddpm-pulfer"]
@@ -164,7 +167,7 @@ class DDPMPulferTeacher(Strict):
     beta_end: PositiveFloat = 0.02
 
 
-class EDMPickleTeacher(Strict):
+class EDMPickleTeacherSpec(ImageTeacherSpec):
     """An official NVlabs/edm network pickle, read without executing any code from it."""
 
     kind: Literal["edm-pickle"]
@@ -180,7 +183,7 @@ class EDMPickleTeacher(Strict):
         return self
 
 
-class PretrainedTeacher(Strict):
+class PretrainedTeacherSpec(ImageTeacherSpec):
     """An emdctl model directory: model.safetensors + config.json (e.g. from `emdctl teacher convert`)."""
 
     kind: Literal["pretrained"]
@@ -188,8 +191,8 @@ class PretrainedTeacher(Strict):
     resolution: PositiveInt | None = None
 
 
-Teacher = Annotated[
-    Union[MixtureTeacher, DDPMPulferTeacher, EDMPickleTeacher, PretrainedTeacher],  # noqa: UP007
+TeacherSpec = Annotated[
+    Union[MixtureTeacherSpec, DDPMPulferTeacherSpec, EDMPickleTeacherSpec, PretrainedTeacherSpec],  # noqa: UP007
     Field(discriminator="kind"),
 ]
 
@@ -247,19 +250,65 @@ class Langevin(Strict):
 Weighting = Literal["sigma2", "uniform", "dmd"]
 
 
-# pin_level: remove each image's per-channel mean from the generator's direction d, so the loss
-# never pushes the output level. For teachers whose score cannot see an image's mean level (the MNIST
-# DDPM: D(x + c) = D(x) + c): their density is flat along it, so d's mean there is only the bias of
-# the teacher and the fake score, and it drives the level away without bound.
-class EMDMethod(Strict):
+class MethodSpecBase(Strict):
+    """What the engine and the recipe's other sections need to know of a method. Each method's own
+    cross-field rules (against the teacher, the generator, the precision policy) live in its `check`,
+    which the recipe calls once everything is parsed: adding a method adds no rule elsewhere."""
+
+    can_pin_level: ClassVar[bool] = False
+
+    def levels_pinned(self) -> bool:
+        return False
+
+    def own_noise_levels(self) -> NoiseLevels | None:
+        """The method's noise levels, the fake score's default (None: it has none)."""
+        return None
+
+    def check(self, recipe) -> None:
+        self.check_cuda_graphs(recipe)
+
+    def check_cuda_graphs(self, recipe) -> None:
+        if recipe.precision.cuda_graphs:
+            raise ValueError("precision.cuda_graphs: replays EMD's E-step; remove it for this method")
+
+
+class PinnableSpec(MethodSpecBase):
+    """pin_level: remove each image's per-channel mean from the generator's direction d, so the
+    loss never pushes the output level. For teachers whose score cannot see an image's mean level
+    (the MNIST DDPM: D(x + c) = D(x) + c): their density is flat along it, so d's mean there is only
+    the bias of the teacher and the fake score, and it drives the level away without bound."""
+
+    can_pin_level: ClassVar[bool] = True
+
+    def levels_pinned(self) -> bool:
+        return self.pin_level
+
+    def own_noise_levels(self) -> NoiseLevels | None:
+        return self.noise_levels
+
+    def check(self, recipe) -> None:
+        super().check(recipe)
+        if self.pin_level and recipe.teacher.is_mixture:
+            raise ValueError("method.pin_level: pins an image's mean level; a mixture teacher has none, remove it")
+
+
+class EMDSpec(PinnableSpec):
     name: Literal["emd"]
     langevin: Langevin = Langevin()
     noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=80.0)
     weighting: Weighting = "sigma2"
     pin_level: bool = False
 
+    def check_cuda_graphs(self, recipe) -> None:
+        p, lang = recipe.precision, self.langevin
+        if p.cuda_graphs and (not p.compile or lang.fused_update != "off" or lang.gamma_z != 0):
+            raise ValueError(
+                "precision.cuda_graphs: replays the E-step compiled as one graph, which needs precision.compile: "
+                "true, method.langevin.fused_update: off and gamma_z: 0; set those or remove cuda_graphs"
+            )
 
-class DiffInstructMethod(Strict):
+
+class DiffInstructSpec(PinnableSpec):
     name: Literal["diff-instruct"]
     noise_levels: NoiseLevels = NoiseLevels(dist="loguniform", sigma_min=0.02, sigma_max=80.0)
     weighting: Weighting = "sigma2"
@@ -277,7 +326,7 @@ class DataSpec(Strict):
     max_images: PositiveInt | None = None
 
 
-class MomentMatchingMethod(Strict):
+class MomentMatchingSpec(MethodSpecBase):
     """Moment Matching (Salimans et al. 2024, alternating variant) with a k-step student, k = steps.
 
     The student samples ancestrally from sigma* down its levels sigma* = sigma_k > ... > sigma_1
@@ -297,10 +346,49 @@ class MomentMatchingMethod(Strict):
     z_t: Literal["student", "data"] = "student"
     data: DataSpec | None = None
 
+    def own_noise_levels(self) -> NoiseLevels | None:
+        return self.noise_levels
+
+    def check(self, recipe) -> None:
+        super().check(recipe)
+        t = recipe.generator.sigma_star
+        for field, levels in (("method.noise_levels", self.noise_levels),
+                              ("fake_score.noise_levels", recipe.fake_score.noise_levels)):  # fmt: skip
+            if levels.sigma_max > t * (1 + 1e-6):
+                raise ValueError(
+                    f"{field}.sigma_max ({levels.sigma_max:g}) must not exceed the generator's sigma* ({t:g}) "
+                    f"for moment-matching: it re-noises the student's samples to levels s <= sigma*; "
+                    f"set {field}.sigma_max to at most {t:g}"
+                )
+        m = self
+        if m.levels is not None:
+            shown = ", ".join(f"{v:g}" for v in m.levels)
+            if len(m.levels) != m.steps:
+                raise ValueError(f"method.levels: {len(m.levels)} levels ({shown}) for method.steps {m.steps}")
+            if abs(m.levels[0] - t) > 1e-6 * t or any(b >= a for a, b in zip(m.levels, m.levels[1:], strict=False)):
+                raise ValueError(f"method.levels ({shown}) must start at sigma* ({t:g}) and decrease")
+        levels = m.student_levels(t)
+        if m.steps > 1 and not (m.noise_levels.sigma_min < levels[-1] and m.noise_levels.sigma_max > levels[1]):
+            raise ValueError(
+                f"method.noise_levels [{m.noise_levels.sigma_min:g}, {m.noise_levels.sigma_max:g}] must reach into "
+                f"every step's range, from below {levels[-1]:g} to above {levels[1]:g} (the student's levels "
+                f"{', '.join(f'{v:.4g}' for v in levels)}); widen it or set method.levels"
+            )
+        mixture = recipe.teacher.is_mixture
+        if m.z_t == "student" and m.data is not None:
+            raise ValueError("method.data: used only with method.z_t: data; remove it or set z_t: data")
+        if m.z_t == "data":
+            if m.steps == 1:
+                raise ValueError("method.z_t: a one-step student's input is sigma* z, not data; use z_t: student")
+            if mixture and m.data is not None:
+                raise ValueError("method.data: a mixture teacher's data is the mixture itself; remove method.data")
+            if not mixture and m.data is None:
+                raise ValueError("method.data: z_t: data forward-diffuses real images; give method.data.path")
+
     def student_levels(self, sigma_star: float) -> list[float]:
         if self.levels is not None:
             return list(self.levels)
-        from .diffusion import few_step_levels
+        from ..diffusion import few_step_levels
 
         return few_step_levels(self.steps, sigma_star, self.noise_levels.sigma_min)
 
@@ -330,7 +418,7 @@ class DiscriminatorSpec(Strict):
     augment: list[Literal["color", "translation", "cutout"]] = Field(default_factory=list)
 
 
-class GDDMethod(Strict):
+class GDDSpec(MethodSpecBase):
     """GDD / GDD-I (Zheng & Yang 2024): the generator (teacher at sigma*, GDD uses 80) trained by a
     GAN against real data alone, no teacher calls. data: the real images (image teachers); a
     mixture teacher's real data is drawn from the mixture itself. r1_gamma/r1_every: lazy R1 on real
@@ -346,9 +434,19 @@ class GDDMethod(Strict):
     r1_every: PositiveInt = 16
     freeze: Literal["none", "gdd-i"] = "none"
 
+    def check(self, recipe) -> None:
+        super().check(recipe)
+        mixture = recipe.teacher.is_mixture
+        if mixture and self.data is not None:
+            raise ValueError("method.data: a mixture teacher's real data is the mixture itself; remove method.data")
+        if not mixture and self.data is None:
+            raise ValueError("method.data: gdd trains against real images; give method.data.path (the dataset)")
+        if mixture and self.discriminator.augment:
+            raise ValueError("method.discriminator.augment: augmentations are for images; remove it for a mixture")
 
-Method = Annotated[
-    Union[EMDMethod, DiffInstructMethod, MomentMatchingMethod, GDDMethod],  # noqa: UP007
+
+MethodSpec = Annotated[
+    Union[EMDSpec, DiffInstructSpec, MomentMatchingSpec, GDDSpec],  # noqa: UP007
     Field(discriminator="name"),
 ]
 
@@ -465,91 +563,24 @@ class EvaluationSpec(Strict):
 
 class DistillRecipe(_RunCommon):
     kind: Literal["distill"] = "distill"
-    teacher: Teacher
+    teacher: TeacherSpec
     generator: GeneratorSpec = GeneratorSpec()
-    method: Method
+    method: MethodSpec
     fake_score: FakeScore = FakeScore()
     optim: Optim = Optim()
     evaluation: EvaluationSpec = EvaluationSpec()
 
     @model_validator(mode="after")
     def _fake_score_levels_default_to_the_method(self):
-        # Runs first (validators run in order): the checks below see the resolved levels.
+        # Runs first (validators run in order): the method's rules below see the resolved levels.
         if self.fake_score.noise_levels is None:
-            own = getattr(self.method, "noise_levels", None)
+            own = self.method.own_noise_levels()
             self.fake_score.noise_levels = own.model_copy() if own is not None else NoiseLevels()
         return self
 
     @model_validator(mode="after")
-    def _moment_matching_levels_below_sigma_star(self):
-        if self.method.name != "moment-matching":
-            return self
-        t = self.generator.sigma_star
-        for field, levels in (("method.noise_levels", self.method.noise_levels),
-                              ("fake_score.noise_levels", self.fake_score.noise_levels)):  # fmt: skip
-            if levels.sigma_max > t * (1 + 1e-6):
-                raise ValueError(
-                    f"{field}.sigma_max ({levels.sigma_max:g}) must not exceed the generator's sigma* ({t:g}) "
-                    f"for moment-matching: it re-noises the student's samples to levels s <= sigma*; "
-                    f"set {field}.sigma_max to at most {t:g}"
-                )
-        m = self.method
-        if m.levels is not None:
-            shown = ", ".join(f"{v:g}" for v in m.levels)
-            if len(m.levels) != m.steps:
-                raise ValueError(f"method.levels: {len(m.levels)} levels ({shown}) for method.steps {m.steps}")
-            if abs(m.levels[0] - t) > 1e-6 * t or any(b >= a for a, b in zip(m.levels, m.levels[1:], strict=False)):
-                raise ValueError(f"method.levels ({shown}) must start at sigma* ({t:g}) and decrease")
-        levels = m.student_levels(t)
-        if m.steps > 1 and not (m.noise_levels.sigma_min < levels[-1] and m.noise_levels.sigma_max > levels[1]):
-            raise ValueError(
-                f"method.noise_levels [{m.noise_levels.sigma_min:g}, {m.noise_levels.sigma_max:g}] must reach into "
-                f"every step's range, from below {levels[-1]:g} to above {levels[1]:g} (the student's levels "
-                f"{', '.join(f'{v:.4g}' for v in levels)}); widen it or set method.levels"
-            )
-        mixture = isinstance(self.teacher, MixtureTeacher)
-        if m.z_t == "student" and m.data is not None:
-            raise ValueError("method.data: used only with method.z_t: data; remove it or set z_t: data")
-        if m.z_t == "data":
-            if m.steps == 1:
-                raise ValueError("method.z_t: a one-step student's input is sigma* z, not data; use z_t: student")
-            if mixture and m.data is not None:
-                raise ValueError("method.data: a mixture teacher's data is the mixture itself; remove method.data")
-            if not mixture and m.data is None:
-                raise ValueError("method.data: z_t: data forward-diffuses real images; give method.data.path")
-        return self
-
-    @model_validator(mode="after")
-    def _cuda_graphs_need_the_whole_e_step_compiled(self):
-        if not self.precision.cuda_graphs:
-            return self
-        lang = getattr(self.method, "langevin", None)
-        if self.method.name != "emd" or lang is None:
-            raise ValueError("precision.cuda_graphs: replays EMD's E-step; remove it for this method")
-        if not self.precision.compile or lang.fused_update != "off" or lang.gamma_z != 0:
-            raise ValueError(
-                "precision.cuda_graphs: replays the E-step compiled as one graph, which needs precision.compile: "
-                "true, method.langevin.fused_update: off and gamma_z: 0; set those or remove cuda_graphs"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _gdd_needs_real_data(self):
-        if self.method.name != "gdd":
-            return self
-        mixture = isinstance(self.teacher, MixtureTeacher)
-        if mixture and self.method.data is not None:
-            raise ValueError("method.data: a mixture teacher's real data is the mixture itself; remove method.data")
-        if not mixture and self.method.data is None:
-            raise ValueError("method.data: gdd trains against real images; give method.data.path (the dataset)")
-        if mixture and self.method.discriminator.augment:
-            raise ValueError("method.discriminator.augment: augmentations are for images; remove it for a mixture")
-        return self
-
-    @model_validator(mode="after")
-    def _pinned_level_needs_images(self):
-        if getattr(self.method, "pin_level", False) and isinstance(self.teacher, MixtureTeacher):
-            raise ValueError("method.pin_level: pins an image's mean level; a mixture teacher has none, remove it")
+    def _the_methods_own_rules(self):
+        self.method.check(self)
         return self
 
     @model_validator(mode="after")
@@ -564,7 +595,7 @@ class DistillRecipe(_RunCommon):
 
     @model_validator(mode="after")
     def _evaluation_needs_a_mixture(self):
-        if self.logging.eval_every and not isinstance(self.teacher, MixtureTeacher):
+        if self.logging.eval_every and not self.teacher.is_mixture:
             raise ValueError(_NO_PERIODIC_EVAL)
         return self
 
@@ -611,266 +642,3 @@ class TeacherTrainRecipe(_RunCommon):
 
 Recipe = DistillRecipe | TeacherTrainRecipe
 RECIPE_KINDS: dict[str, type[BaseModel]] = {"distill": DistillRecipe, "teacher-train": TeacherTrainRecipe}
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-DEFAULT_RECIPE_PATH = Path(__file__).with_name("default_recipe.yaml")
-
-
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; this bounds what a reader holds
-MAX_RECIPE_NODES = 100_000  # after aliases are expanded (an alias bomb expands exponentially)
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys (YAML would keep the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str | int | float | bool) and key in seen:
-                mark = key_node.start_mark
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {mark.line + 1}); give each field once", mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _expanded_size(node, memo: dict, source: str) -> int:
-    """Nodes of the document with every alias expanded (shared nodes counted each time); an alias
-    inside its own anchor (a structure containing itself) is refused."""
-    key = id(node)
-    if key in memo:
-        if memo[key] is None:
-            raise UserError(f"{source}: an alias refers to a node that contains it; write the value out")
-        return memo[key]
-    memo[key] = None  # in progress
-    if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(c, memo, source) for c in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo, source) + _expanded_size(v, memo, source) for k, v in node.value)
-    else:
-        size = 1
-    memo[key] = min(size, MAX_RECIPE_NODES + 1)
-    return memo[key]
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> data, bounded: size, nesting depth, alias expansion; duplicate keys refused."""
-    if len(text) > MAX_RECIPE_BYTES:
-        raise UserError(f"{source}: {len(text):,} characters; a recipe is at most {MAX_RECIPE_BYTES:,}")
-    try:
-        loader = _RecipeLoader(text)
-        try:
-            node = loader.get_single_node()
-            if node is not None and _expanded_size(node, {}, source) > MAX_RECIPE_NODES:
-                raise UserError(
-                    f"{source}: expands to more than {MAX_RECIPE_NODES:,} values (aliases referring to aliases?); "
-                    "write the recipe out"
-                )
-            return loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{source}: malformed YAML{where}: {problem}") from None
-    except RecursionError:
-        raise UserError(f"{source}: nested too deeply to be a recipe") from None
-    except ValueError as e:  # e.g. an integer of thousands of digits
-        raise UserError(f"{source}: a value cannot be read ({str(e)[:100]})") from None
-
-
-def read_yaml(path: Path) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such recipe file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected a YAML recipe file")
-    if not path.is_file():  # a device (/dev/zero), a FIFO, a socket: it may never end
-        raise UserError(f"{path}: not a regular file; give a YAML recipe file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the recipe ({e.__class__.__name__}: {e})") from None
-    return parse_yaml(text, str(path))
-
-
-def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
-    """Apply `a.b.c=value` overrides; the value is parsed as YAML (numbers, booleans, lists)."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr_gen=2e-6")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
-            raise UserError(f"--set {item!r}: {key!r} is not a dotted field path like method.langevin.steps")
-        try:
-            value = parse_yaml(raw, f"--set {key}") if raw.strip() else None
-        except UserError as e:
-            if "malformed YAML" not in e.message:
-                raise
-            value = raw
-        node = data
-        for i, p in enumerate(parts[:-1]):
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section in {source}")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def parse_recipe(data: Any, source: str, default_name: str | None = None) -> Recipe:
-    """Validate raw recipe data; `source` names where it came from in error messages."""
-    if data is None:
-        raise UserError(f"{source}: the recipe is empty")
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: the recipe must be a mapping of sections, got {type(data).__name__}")
-    kind = data.get("kind", "distill")
-    if not isinstance(kind, str) or kind not in RECIPE_KINDS:
-        raise UserError(f"{source}: kind: unknown value {kind!r} (allowed: {', '.join(RECIPE_KINDS)})")
-    cls = RECIPE_KINDS[kind]
-    try:
-        recipe = cls.model_validate(data)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, source, data, cls)) from None
-    if recipe.name is None and default_name:
-        name = re.sub(r"[^A-Za-z0-9._-]", "-", default_name).lstrip("-._") or "run"
-        recipe = recipe.model_copy(update={"name": name})
-    return recipe
-
-
-def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe file (or the embedded default when `path` is None) and apply overrides."""
-    src_path = DEFAULT_RECIPE_PATH if path is None else Path(path)
-    data = read_yaml(src_path)
-    source = "default recipe" if path is None else str(src_path)
-    if overrides:
-        if data is not None and not isinstance(data, dict):
-            raise UserError(f"{source}: the recipe must be a mapping of sections")
-        data = apply_overrides(data or {}, overrides, source)
-        source = f"{source} (with --set {', '.join(overrides)})"
-    return parse_recipe(data, source, default_name=src_path.stem)
-
-
-def recipe_to_dict(recipe: BaseModel) -> dict:
-    return recipe.model_dump(mode="json")
-
-
-def dump_recipe(recipe: BaseModel) -> str:
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Error messages
-
-
-def _unwrap(annotation: Any) -> list[Any]:
-    """The concrete types an annotation admits (Optional/Union/Annotated removed)."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin is Union or origin is types.UnionType:
-        out = []
-        for a in typing.get_args(annotation):
-            out += _unwrap(a)
-        return out
-    return [annotation]
-
-
-def _is_model(t: Any) -> bool:
-    return isinstance(t, type) and issubclass(t, BaseModel)
-
-
-def _walk(model: type[BaseModel], loc: tuple, data: Any) -> tuple[str, type[BaseModel] | None, Any]:
-    """Turn a pydantic error location into a dotted path, the model that owns the last field,
-    and the data of that model. Discriminator tags that pydantic inserts into `loc` are skipped."""
-    path: list[str] = []
-    current: Any = model
-    node = data
-    owner, owner_data = model, data
-    i = 0
-    while i < len(loc):
-        part = loc[i]
-        if _is_model(current) and isinstance(part, str) and part in current.model_fields:
-            owner, owner_data = current, node
-            field = current.model_fields[part]
-            path.append(part)
-            node = node.get(part) if isinstance(node, dict) else None
-            candidates = [c for c in _unwrap(field.annotation) if c is not type(None)]
-            models = [c for c in candidates if _is_model(c)]
-            if field.discriminator and len(models) > 1:
-                tag = node.get(field.discriminator) if isinstance(node, dict) else None
-                chosen = [m for m in models if tag in _literal_values(m, field.discriminator)]
-                current = chosen[0] if chosen else None
-                if i + 1 < len(loc) and loc[i + 1] == tag:
-                    i += 1  # pydantic puts the tag itself into the location
-            elif len(models) == 1:
-                current = models[0]
-            else:
-                current = candidates[0] if len(candidates) == 1 else None
-        elif isinstance(part, int):
-            path[-1:] = [f"{path[-1]}[{part}]"] if path else [f"[{part}]"]
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-            args = typing.get_args(current) if current is not None else ()
-            current = args[0] if args else None
-            models = [c for c in _unwrap(current) if _is_model(c)] if current is not None else []
-            current = models[0] if len(models) == 1 else current
-        else:
-            path.append(str(part))
-            owner, owner_data = (current if _is_model(current) else None), node
-            node = node.get(part) if isinstance(node, dict) else None
-            current = None
-        i += 1
-    return ".".join(path), owner, owner_data
-
-
-def _literal_values(model: type[BaseModel], field_name: str) -> list[Any]:
-    field = model.model_fields.get(field_name)
-    if field is None:
-        return []
-    return list(typing.get_args(field.annotation))
-
-
-def format_validation_error(err: ValidationError, source: str, data: Any, model: type[BaseModel]) -> str:
-    """One line per problem: `<file>: <field.path>: <what is wrong> (allowed: ...)`."""
-    lines = []
-    for e in err.errors(include_url=False):
-        loc = tuple(e["loc"])
-        path, owner, _ = _walk(model, loc, data)
-        kind = e["type"]
-        ctx = e.get("ctx") or {}
-        given = e.get("input")
-        if kind == "extra_forbidden":
-            allowed = ", ".join(owner.model_fields) if owner is not None else ""
-            parent = path.rsplit(".", 1)[0] if "." in path else "top level"
-            msg = f"unknown field in {parent}" + (f" (allowed: {allowed})" if allowed else "")
-        elif kind == "union_tag_invalid":
-            tags = ctx.get("expected_tags", "")
-            msg = f"unknown {ctx.get('discriminator', 'kind').strip(chr(39))} {ctx.get('tag')!r} (allowed: {tags})"
-        elif kind == "union_tag_not_found":
-            msg = f"missing the field {ctx.get('discriminator', '')} that says which kind this is"
-        elif kind == "literal_error":
-            msg = f"got {given!r}; allowed values: {ctx.get('expected', '')}"
-        elif kind == "missing":
-            msg = "required field is missing"
-        elif kind in ("value_error", "assertion_error"):
-            msg = str(ctx.get("error", e["msg"]))
-        else:
-            text = e["msg"][0].lower() + e["msg"][1:] if e["msg"] else kind
-            shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
-            msg = f"{text} (got {shown})"
-        line = f"{source}: {path or 'top level'}: {msg}"
-        # A key or value with control characters (a "\r" key) must not break the one-line format.
-        lines.append("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))
-    return "\n".join(lines)
