@@ -147,9 +147,9 @@ def run_bench(
     shared_competitors: int = 1,
 ) -> dict:
     if net not in NETS:
-        raise UserError(f"--net {net!r}: allowed values are {', '.join(NETS)}")
+        raise UserError(f"network {net!r}: allowed values are {', '.join(NETS)}")
     if batch < 1 or iters < 1 or K < 0:
-        raise UserError("--batch and --iters must be positive and --k non-negative")
+        raise UserError("the batch size and the timed calls must be positive and K non-negative")
     device = resolve_device(device_name)
     on_gpu = device.type == "cuda"
     # The baseline is strict fp32 (TF32 off, as in EDM's fp32 reference); the configured variant
@@ -234,7 +234,7 @@ def run_bench(
     unknown = set(sections) - set(SECTIONS) - set(OPTIONAL_SECTIONS)
     if unknown:
         allowed = ", ".join(SECTIONS + OPTIONAL_SECTIONS)
-        raise UserError(f"--sections: unknown {', '.join(sorted(unknown))}; allowed: {allowed}")
+        raise UserError(f"sections: unknown {', '.join(sorted(unknown))}; allowed: {allowed}")
     if "shared-cpu" in sections:
         results.update(run_shared_cpu(shared_images, shared_competitors, log=log))
     if "forward" in sections:

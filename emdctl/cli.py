@@ -116,6 +116,41 @@ RunThreadsOpt = Annotated[
 ]
 
 
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ExportFormat(StrEnum):
+    safetensors = "safetensors"
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class BenchNet(StrEnum):
+    ddpmpp = "ddpmpp"
+    adm = "adm"
+    ncsnpp = "ncsnpp"
+    tiny = "tiny"
+    mlp = "mlp"
+
+
+class BenchDtype(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Preset(StrEnum):
+    ring8_unequal = "ring8-unequal"
+    ring8 = "ring8"
+    grid25_unequal = "grid25-unequal"
+
+
+DeviceOpt = Annotated[Device, typer.Option(help="Where to run.")]
+
+
 def _threads(value: str | None):
     from .threads import parse_threads
 
@@ -298,7 +333,7 @@ def sample(
         Path | None, typer.Option(help="Sample the teacher named by this distillation recipe instead.")
     ] = None,
     sampler: Annotated[TeacherSampler, typer.Option(help="Teacher sampler.")] = TeacherSampler.auto,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = Device.auto,
     keep_float: Annotated[
         bool, typer.Option(help="Also store the unclipped float32 images in samples.npz (arr_float).")
     ] = False,
@@ -354,7 +389,7 @@ def sample(
 @handles_errors
 def export(
     source: Annotated[Path, typer.Argument(help="A run directory (or an exported generator directory).")],
-    fmt: Annotated[str, typer.Option("--format", help="safetensors, onnx or torchscript.")] = "safetensors",
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="The artifact.")] = ExportFormat.safetensors,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Output directory (default: SOURCE/export-FORMAT).")
     ] = None,
@@ -445,7 +480,7 @@ def _metric_command(metric: str):
         ] = None,
         ema: Annotated[bool, typer.Option(help="Use a run's EMA weights.")] = True,
         inception_weights: WeightsOpt = None,
-        device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+        device: DeviceOpt = Device.auto,
         json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
         threads: ThreadsOpt = "auto",
     ):
@@ -476,7 +511,7 @@ def evaluate_isc(
     steps: Annotated[int | None, typer.Option(min=1, help="Sampler steps of the generator.")] = None,
     ema: Annotated[bool, typer.Option(help="Use a run's EMA weights.")] = True,
     inception_weights: WeightsOpt = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = Device.auto,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
     threads: ThreadsOpt = "auto",
 ):
@@ -494,7 +529,7 @@ def evaluate_ref(
     n: Annotated[int | None, typer.Option("--n", help="Use the first N images (default: all).")] = None,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 256,
     inception_weights: WeightsOpt = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = Device.auto,
     threads: ThreadsOpt = "auto",
 ):
     """Compute and cache reference statistics (mu, sigma and features) of a dataset."""
@@ -529,7 +564,7 @@ def evaluate_train_features(
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 2e-3,
     max_images: Annotated[int | None, typer.Option(help="Use at most this many images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = Device.auto,
 ):
     """Train the offline classifier feature space (registered with torch-fidelity as emdctl-classifier)."""
     if epochs < 1 or batch < 1 or lr <= 0:
@@ -595,7 +630,7 @@ def evaluate_modes(
 def evaluate_stats(
     sources: Annotated[list[Path], typer.Argument(help="Generators (run/export directories) or image sets.")],
     n: Annotated[int, typer.Option("--n", help="Images per source.")] = 1024,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = Device.auto,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
     ema: Annotated[bool, typer.Option(help="Use a run's EMA weights (--no-ema: the raw generator).")] = True,
     shift_background: Annotated[
@@ -623,9 +658,7 @@ def demo_mixture_cmd(
         "runs/demo-mixture"
     ),
     budget: Annotated[str, typer.Option(help="Training images per method (e.g. 1M).")] = "1M",
-    preset: Annotated[
-        str, typer.Option(help="Mixture preset: ring8-unequal, ring8 or grid25-unequal.")
-    ] = "ring8-unequal",
+    preset: Annotated[Preset, typer.Option(help="The mixture.")] = Preset.ring8_unequal,
     k: Annotated[int, typer.Option("--k", help="Langevin steps K of EMD.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of both runs.")] = 0,
     seeds: Annotated[
@@ -652,14 +685,14 @@ def demo_mixture_cmd(
     from .commands.demo import demo_mixture, demo_mixture_seeds, mixture_base
     from .seeds import parse_seeds
 
-    if preset not in ("ring8-unequal", "ring8", "grid25-unequal"):
-        raise UserError(f"--preset {preset!r}: allowed values are ring8-unequal, ring8, grid25-unequal")
     every, images = _budget(eval_every, "--eval-every"), _budget(budget)
     base = mixture_base(sets or [], images)
     if seeds is None and jobs != 1:
         raise UserError("--jobs runs several seeds at once: give --seeds too")
     if seeds is None:
-        demo_mixture(out_dir, images, preset, k, seed, err, base, eval_every=every)
+        demo_mixture(
+            out=out_dir, budget=images, preset=preset, steps=k, seed=seed, console=err, base=base, eval_every=every
+        )
         return
     if seed != 0:
         raise UserError("give --seed (one comparison) or --seeds (several, with paired statistics), not both")
@@ -667,7 +700,17 @@ def demo_mixture_cmd(
         seed_list = list(parse_seeds(seeds))
     except ValueError as e:
         raise UserError(f"--seeds {seeds!r}: {e} (use e.g. 0-29 or 0,3,5)") from None
-    demo_mixture_seeds(out_dir, images, preset, k, seed_list, err, base, eval_every=every, jobs=jobs)
+    demo_mixture_seeds(
+        out=out_dir,
+        budget=images,
+        preset=preset,
+        steps=k,
+        seeds=seed_list,
+        console=err,
+        base=base,
+        eval_every=every,
+        jobs=jobs,
+    )
 
 
 @demo_app.command("loop")
@@ -684,7 +727,7 @@ def demo_loop_cmd(
     inception_weights: Annotated[
         Path | None, typer.Option(help="Also report Inception FID with these weights.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = Device.auto,
     shift_background: Annotated[
         bool,
         typer.Option(help="Also evaluate with each image's level shifted so its median pixel is black."),
@@ -719,7 +762,7 @@ def demo_mnist_cmd(
     n: Annotated[int, typer.Option("--n", help="Samples per model for the evaluation.")] = 1024,
     mnist: Annotated[Path, typer.Option(help="MNIST idx directory.")] = Path("../shared/data/mnist"),
     features: Annotated[Path | None, typer.Option(help="A classifier feature file (trained here if absent).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = Device.auto,
     shift_background: Annotated[
         bool,
         typer.Option(help="Also evaluate with each image's level shifted so its median pixel is black."),
@@ -754,17 +797,17 @@ def _budget(text: str, option: str = "--budget") -> int:
 @handles_errors
 def bench(
     net: Annotated[
-        str, typer.Option(help="ddpmpp (CIFAR-10, 55.7M), adm (ImageNet-64, 295.9M), ncsnpp, tiny or mlp.")
-    ] = "tiny",
+        BenchNet, typer.Option(help="ddpmpp (CIFAR-10, 55.7M), adm (ImageNet-64, 295.9M), ncsnpp, tiny or mlp.")
+    ] = BenchNet.tiny,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
     k: Annotated[int, typer.Option("--k", help="Langevin steps K of the EMD iteration.")] = 8,
-    dtype: Annotated[str, typer.Option(help="Configured precision: fp32, bf16 or fp16 (autocast).")] = "bf16",
+    dtype: Annotated[BenchDtype, typer.Option(help="Configured precision (autocast).")] = BenchDtype.bf16,
     compile: Annotated[bool, typer.Option(help="torch.compile the configured variant (GPU only).")] = True,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory layout for the configured variant.")] = True,
     fused: Annotated[bool, typer.Option(help="Fused Triton Langevin update in the configured variant (GPU).")] = True,
     iters: Annotated[int, typer.Option(help="Timed calls per measurement.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up calls (compilation happens here).")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = Device.auto,
     sections: Annotated[
         str,
         typer.Option(
@@ -786,10 +829,13 @@ def bench(
 ):
     """Throughput of forward, forward+backward, an EMD-K iteration, its Langevin loop and one-step
     sampling, each as a ratio to the eager fp32 baseline measured in the same run."""
-    if dtype not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--dtype {dtype!r}: allowed values are fp32, bf16, fp16")
+    from .bench import OPTIONAL_SECTIONS, SECTIONS
     from .commands.bench import bench_command
 
+    chosen = tuple(x.strip() for x in sections.split(",") if x.strip())
+    unknown = [x for x in chosen if x not in SECTIONS + OPTIONAL_SECTIONS]
+    if unknown or not chosen:
+        raise UserError(f"--sections {sections!r}: allowed are {', '.join(SECTIONS + OPTIONAL_SECTIONS)}")
     bench_command(
         net=net,
         batch=batch,
@@ -801,7 +847,7 @@ def bench(
         fused=fused,
         iters=iters,
         warmup=warmup,
-        sections=tuple(s.strip() for s in sections.split(",") if s.strip()),
+        sections=chosen,
         compare_unfused=compare_unfused,
         shared_images=_budget(shared_images, "--shared-images"),
         shared_competitors=shared_competitors,

@@ -21,7 +21,15 @@ QUIET = Console(file=open("/dev/null", "w"))  # noqa: SIM115
 
 @pytest.mark.slow
 def test_demo_mixture(tmp_path):
-    summary = demo_mixture(tmp_path / "demo", 640, "ring8-unequal", 4, 0, QUIET, base=tiny_mixture_recipe())
+    summary = demo_mixture(
+        out=tmp_path / "demo",
+        budget=640,
+        preset="ring8-unequal",
+        steps=4,
+        seed=0,
+        console=QUIET,
+        base=tiny_mixture_recipe(),
+    )
     assert set(summary) == {"emd", "diff-instruct"}
     from emdctl.evaluation.mixture import generator_mode_metrics
     from emdctl.sampling import open_generator
@@ -38,7 +46,16 @@ def test_demo_mixture(tmp_path):
 @pytest.mark.slow
 def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
     out = tmp_path / "demo"
-    res = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe(), eval_every=320)
+    res = demo_mixture_seeds(
+        out=out,
+        budget=640,
+        preset="ring8-unequal",
+        steps=2,
+        seeds=[3, 5],
+        console=QUIET,
+        base=tiny_mixture_recipe(),
+        eval_every=320,
+    )
     per_seed = {s: json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in (3, 5)}
     assert res["tv_distance"]["emd"] == [per_seed[s]["emd"]["tv_distance"] for s in (3, 5)]
     assert res["tv_distance"]["diff-instruct"] == [per_seed[s]["diff-instruct"]["tv_distance"] for s in (3, 5)]
@@ -67,12 +84,21 @@ def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
             expected.append(sum(tv) / 2)
         assert half["per_seed"][m] == pytest.approx(expected, abs=1e-12)
     # Re-running the same command resumes: the finished runs are not trained again.
-    again = demo_mixture_seeds(out, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe(), eval_every=320)
+    again = demo_mixture_seeds(
+        out=out,
+        budget=640,
+        preset="ring8-unequal",
+        steps=2,
+        seeds=[3, 5],
+        console=QUIET,
+        base=tiny_mixture_recipe(),
+        eval_every=320,
+    )
     assert again["tv_distance"] == res["tv_distance"]
     # Seeds in parallel worker processes (one thread each) give the same students, bit for bit.
     par = tmp_path / "parallel"
-    jobs = demo_mixture_seeds(par, 640, "ring8-unequal", 2, [3, 5], QUIET, base=tiny_mixture_recipe(), eval_every=320,
-                              jobs=2)  # fmt: skip
+    jobs = demo_mixture_seeds(out=par, budget=640, preset="ring8-unequal", steps=2, seeds=[3, 5], console=QUIET,
+                              base=tiny_mixture_recipe(), eval_every=320, jobs=2)  # fmt: skip
     assert jobs["tv_distance"] == res["tv_distance"]
     assert json.dumps(jobs["trace"]) == json.dumps(res["trace"])  # (as text: it holds NaN t values)
     for s in (3, 5):
@@ -103,19 +129,20 @@ def test_demo_mixture_set_reaches_both_runs_and_bad_fields_stop_before_any_run(t
     from emdctl.cli import app
 
     seen = []
-    monkeypatch.setattr(demo_module, "demo_mixture", lambda out, *a, **k: seen.append((out, a, k)))
+    monkeypatch.setattr(demo_module, "demo_mixture", lambda **k: seen.append(k))
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--set", "fake_score.steps_per_iteration=5"])
     assert res.exit_code == 0, res.output
-    (_, (budget, preset, k, seed, _console, base), _) = seen[0]
-    assert (budget, preset, k, seed) == (1_000_000, "ring8-unequal", 8, 0)
+    call = seen[0]
+    assert (call["budget"], call["preset"], call["steps"], call["seed"]) == (1_000_000, "ring8-unequal", 8, 0)
+    base = call["base"]
     assert base["fake_score"]["steps_per_iteration"] == 5
     assert base["optim"] == demo_module.read_yaml(demo_module.DEFAULT_RECIPE_PATH)["optim"]  # the rest untouched
     # fields that depend on the duration are checked against --budget, not the default recipe's 200k
     decay = ["--set", "optim.decay.start=500k"]
     res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--budget", "1M", *decay])
     assert res.exit_code == 0, res.output
-    assert seen[-1][1][5]["optim"]["decay"] == {"start": "500k"}
+    assert seen[-1]["base"]["optim"]["decay"] == {"start": "500k"}
     res = CliRunner().invoke(app, ["demo", "mixture", "--out", str(out), "--budget", "400k", *decay])
     assert res.exit_code != 0 and "optim.decay.start (500,000 images) must come before" in res.output
     seen.pop()

@@ -47,7 +47,7 @@ def test_torchscript_export_matches_torch(cond_generator, tmp_path):
 
 
 def test_bad_export_requests(cond_generator, tmp_path):
-    with pytest.raises(UserError, match="--format"):
+    with pytest.raises(UserError, match="export format"):
         export_command(cond_generator, "tflite", tmp_path / "x")
     with pytest.raises(UserError, match="no such run"):
         export_command(tmp_path / "missing", "onnx", tmp_path / "x")

@@ -61,7 +61,7 @@ def test_png_layout_and_npz_agree(image_generator, tmp_path):
 def test_fixed_class(image_generator, tmp_path):
     sample(image_generator, tmp_path / "s", list(range(6)), fmt="npz", cls=2)
     assert np.load(tmp_path / "s" / "samples.npz")["arr_1"].tolist() == [2] * 6
-    with pytest.raises(UserError, match="--class 7"):
+    with pytest.raises(UserError, match="class label 7"):
         sample(image_generator, tmp_path / "t", [0], cls=7)
 
 

@@ -82,6 +82,7 @@ def _side_by_side(paths: list[Path], out: Path) -> None:
 
 
 def demo_mixture(
+    *,
     out: Path,
     budget: int,
     preset: str,
@@ -151,7 +152,16 @@ def _demo_mixture_logged(
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "demo.log", "w") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
         console = Console(file=log, width=120)  # progress lines (on stderr) go to the same log
-        return demo_mixture(out, budget, preset, steps, seed, console, base, eval_every)
+        return demo_mixture(
+            out=out,
+            budget=budget,
+            preset=preset,
+            steps=steps,
+            seed=seed,
+            console=console,
+            base=base,
+            eval_every=eval_every,
+        )
 
 
 def _run_seeds(out: Path, budget, preset, steps, seeds, console, base, eval_every, jobs: int) -> dict:
@@ -159,7 +169,16 @@ def _run_seeds(out: Path, budget, preset, steps, seeds, console, base, eval_ever
         per_seed = {}
         for s in seeds:
             console.rule(f"seed {s}")
-            per_seed[s] = demo_mixture(out / f"seed-{s}", budget, preset, steps, s, console, base, eval_every)
+            per_seed[s] = demo_mixture(
+                out=out / f"seed-{s}",
+                budget=budget,
+                preset=preset,
+                steps=steps,
+                seed=s,
+                console=console,
+                base=base,
+                eval_every=eval_every,
+            )
         return per_seed
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -180,6 +199,7 @@ def _run_seeds(out: Path, budget, preset, steps, seeds, console, base, eval_ever
 
 
 def demo_mixture_seeds(
+    *,
     out: Path,
     budget: int,
     preset: str,
@@ -199,7 +219,7 @@ def demo_mixture_seeds(
     from ..plots import save_paired
 
     if len(seeds) < 2:
-        raise UserError(f"--seeds: a paired comparison needs at least two seeds (got {len(seeds)})")
+        raise UserError(f"a paired comparison needs at least two seeds (got {len(seeds)})")
     per_seed = _run_seeds(out, budget, preset, steps, seeds, console, base, eval_every, jobs)
     di = [per_seed[s]["diff-instruct"]["tv_distance"] for s in seeds]
     emd = [per_seed[s]["emd"]["tv_distance"] for s in seeds]
@@ -327,7 +347,7 @@ def demo_loop(
     dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
     if not Path(data).exists():
-        raise UserError(f"{data}: no such dataset (--data: the real images, labelled, for the feature space)")
+        raise UserError(f"{data}: no such dataset (the real, labelled images for the feature space)")
     base = read_yaml(distill_recipe)
     if not isinstance(base, dict):
         raise UserError(f"{distill_recipe}: not a distillation recipe")

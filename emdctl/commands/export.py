@@ -17,7 +17,7 @@ from ..storage import atomic_path, atomic_write_json, sha256_file
 
 def export_command(source: Path, fmt: str, out: Path, use_ema: bool = True) -> dict:
     if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+        raise UserError(f"export format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     gen, cfg = open_generator(source, use_ema)
     if not isinstance(gen, OneStepGenerator):
         raise UserError(f"{source}: already an ONNX/TorchScript export; export its run or safetensors directory")

@@ -24,7 +24,7 @@ def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) 
 
     r = load_recipe(recipe_path)
     if r.kind != "distill":
-        raise UserError(f"{recipe_path}: --teacher needs a distillation recipe (it names the teacher)")
+        raise UserError(f"{recipe_path}: a {r.kind} recipe names no teacher to sample; give a distillation recipe")
     teacher = load_teacher(r.teacher, seed=r.seed, device=device)
     den = teacher.denoiser
 
@@ -78,9 +78,9 @@ def sample_command(
                 log(f"sampling the newest finished run: {source}")
             gen, cfg = open_generator(source, use_ema)
             if class_label is not None and not (0 <= class_label < gen.label_dim):
-                raise UserError(f"--class {class_label}: the generator has {gen.label_dim} classes")
+                raise UserError(f"class label {class_label}: the generator has {gen.label_dim} classes")
             if keep_float and not isinstance(gen, OneStepGenerator):
-                raise UserError(f"--keep-float: {source} is an ONNX/TorchScript export, which returns quantized images")
+                raise UserError(f"keeping float images: {source} is an ONNX/TorchScript export (quantized output)")
             fn = generator_sampler(gen, steps, class_label, dist.device)
             is_vector = len(gen.img_shape) == 1
             info = {

@@ -92,7 +92,7 @@ class ClassifierFeatureExtractor(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            raise UserError("the emdctl-classifier feature space needs a feature file: --features classifier:PATH")
+            raise UserError("the emdctl-classifier feature space needs a feature file (classifier:PATH)")
         self.net, self.meta = load_feature_net(Path(feature_extractor_weights_path))
 
     @staticmethod

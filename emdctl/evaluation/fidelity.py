@@ -99,7 +99,7 @@ def open_feature_space(spec: str, inception_weights: Path | None = None, device=
             fx, classifier.NAME, "features", "logits", f"classifier-{sha256_file(path)[:12]}", label, False, device,
             input_shape=(m["channels"], m["resolution"], m["resolution"]), dim=m["feature_dim"],
         )  # fmt: skip
-    raise UserError(f"--features {spec!r}: expected 'inception' or 'classifier:PATH'")
+    raise UserError(f"feature space {spec!r}: expected 'inception' or 'classifier:PATH'")
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def torch_fidelity_cache_file() -> Path:
 def resolve_weights(explicit: Path | None = None) -> Path:
     if explicit is not None:
         if not Path(explicit).is_file():
-            raise UserError(f"{explicit}: no such Inception weights file (--inception-weights)")
+            raise UserError(f"{explicit}: no such Inception weights file")
         return Path(explicit)
     env = os.environ.get(ENV)
     if env:
