@@ -398,7 +398,7 @@ def export(
     """Export the generator: weights + JSON config (safetensors), or a portable ONNX/TorchScript module."""
     from .commands.export import export_command
 
-    result = export_command(source, fmt, out_dir or Path(source) / f"export-{fmt}", ema)
+    result = export_command(source=source, fmt=fmt, out=out_dir or Path(source) / f"export-{fmt}", use_ema=ema)
     out.print(f"wrote {result['path']}")
     if result.get("verified"):
         v = result["verified"]

@@ -224,7 +224,7 @@ def test_torch_fidelity_onnx_input_with_emdctl_features(gray_generator, feature_
     from emdctl.data import ImagesOnly
     from emdctl.evaluation import classifier
 
-    out = export_command(gray_generator, "onnx", tmp_path / "onnx")
+    out = export_command(source=gray_generator, fmt="onnx", out=tmp_path / "onnx")
     assert out["verified"]["max_abs_diff"] <= 1
     classifier.register()
     ref = ImagesOnly(open_dataset(write_npz(tmp_path / "ref.npz", blobs(200, seed=11)[0])))

@@ -21,7 +21,7 @@ def cond_generator(tmp_path_factory):
 
 
 def test_safetensors_export_is_self_contained(cond_generator, tmp_path):
-    export_command(cond_generator, "safetensors", tmp_path / "exp")
+    export_command(source=cond_generator, fmt="safetensors", out=tmp_path / "exp")
     gen, cfg = load_generator(tmp_path / "exp")
     assert cfg["img_shape"] == [3, 16, 16] and cfg["label_dim"] == 4 and cfg["sigma_star"] == 2.5
     assert cfg["data"]["range"] == [-1.0, 1.0] and cfg["denoiser"]["arch"] == "dhariwalunet"
@@ -30,14 +30,14 @@ def test_safetensors_export_is_self_contained(cond_generator, tmp_path):
 @pytest.mark.slow
 def test_onnx_export_of_a_conditional_generator_matches_torch(cond_generator, tmp_path):
     pytest.importorskip("onnxruntime")
-    res = export_command(cond_generator, "onnx", tmp_path / "onnx")
+    res = export_command(source=cond_generator, fmt="onnx", out=tmp_path / "onnx")
     assert res["verified"]["max_abs_diff"] <= 1 and res["verified"]["mean_abs_diff"] < 0.01
     cfg = json.loads((tmp_path / "onnx" / "config.json").read_text())
     assert cfg["z_size"] == 768 and cfg["num_classes"] == 4 and cfg["output"].startswith("uint8")
 
 
 def test_torchscript_export_matches_torch(cond_generator, tmp_path):
-    res = export_command(cond_generator, "torchscript", tmp_path / "ts")
+    res = export_command(source=cond_generator, fmt="torchscript", out=tmp_path / "ts")
     scripted = torch.jit.load(res["path"])
     gen, _ = load_generator(cond_generator)
     portable = PortableGenerator(gen, True).eval()
@@ -48,6 +48,6 @@ def test_torchscript_export_matches_torch(cond_generator, tmp_path):
 
 def test_bad_export_requests(cond_generator, tmp_path):
     with pytest.raises(UserError, match="export format"):
-        export_command(cond_generator, "tflite", tmp_path / "x")
+        export_command(source=cond_generator, fmt="tflite", out=tmp_path / "x")
     with pytest.raises(UserError, match="no such run"):
-        export_command(tmp_path / "missing", "onnx", tmp_path / "x")
+        export_command(source=tmp_path / "missing", fmt="onnx", out=tmp_path / "x")

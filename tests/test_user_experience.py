@@ -340,7 +340,7 @@ def test_evaluate_uses_the_reference_the_recipe_names(tmp_path, feature_file):
     assert res["reference"] == str(feature_file / "gray.npz") and res["features_ident"].startswith("classifier-")
     assert any("evaluation.reference" in m for m in lines)
     (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump({}))
-    with pytest.raises(UserError, match="--ref is required .* evaluation.reference"):
+    with pytest.raises(UserError, match="a reference is required .* evaluation.reference"):
         evaluate_command(
             metrics=["fid"],
             source=gen,

@@ -91,7 +91,7 @@ def evaluate_command(
     if needs_ref and ref is None:
         if named_ref is None:
             raise UserError(
-                "--ref is required for fid, kid and prc (a dataset or a statistics file from `evaluate ref`), "
+                "a reference is required for fid, kid and prc (a dataset or a statistics file from `evaluate ref`), "
                 "unless the run's recipe names evaluation.reference"
             )
         ref = named_ref

@@ -15,7 +15,7 @@ from ..sampling import open_generator
 from ..storage import atomic_path, atomic_write_json, sha256_file
 
 
-def export_command(source: Path, fmt: str, out: Path, use_ema: bool = True) -> dict:
+def export_command(*, source: Path, fmt: str, out: Path, use_ema: bool = True) -> dict:
     if fmt not in FORMATS:
         raise UserError(f"export format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     gen, cfg = open_generator(source, use_ema)
