@@ -87,15 +87,11 @@ def describe(method, recipe) -> str:
 
 def available_bytes(device: torch.device) -> int | None:
     """Memory a run can still take: the GPU's free memory, or the host's MemAvailable."""
+    from .storage import host_memory_available
+
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return host_memory_available()
 
 
 def parameters_on_meta(config: dict) -> int | None:

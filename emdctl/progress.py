@@ -7,7 +7,6 @@ end, each with the count and the rate, instead of hundreds of carriage-return up
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable, Iterator
 
@@ -109,7 +108,3 @@ def track(items: Iterable, total: int | None, desc: str, unit: str = "img", step
         for item in items:
             yield item
             p.advance(1 if step is None else step(item))
-
-
-def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()

@@ -14,7 +14,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -136,17 +135,6 @@ def read_safetensors(path: Path | str, what: str = "file") -> dict[str, torch.Te
         raise UserError(f"{path}: corrupt or truncated {what} ({str(e)[:200]}); restore or re-create it") from None
     except MemoryError:
         raise UserError(f"{path}: does not fit in memory; not an emdctl {what} this machine can read") from None
-
-
-def safetensors_numel(path: Path | str, what: str = "file") -> int:
-    """Elements the file's header declares (read without loading a tensor)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: corrupt or truncated {what} ({str(e)[:200]}); restore or re-create it") from None
 
 
 def read_safetensors_metadata(path: Path | str, what: str = "file") -> dict[str, str]:
