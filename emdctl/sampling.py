@@ -32,7 +32,7 @@ from .plots import save_image_grid, save_scatter, to_uint8
 from .progress import Progress
 from .rng import PerSeedRandom
 from .seeds import Seeds
-from .storage import DirectoryLock, atomic_path, atomic_write_json, move_aside
+from .storage import DirectoryLock, atomic_path, atomic_write_json, first_nonfinite, move_aside, read_json
 
 SHARD = 1000
 SAMPLING_CHUNK = 64  # rows per network call, fixed: the numerics of a call depend on its shape
@@ -62,20 +62,15 @@ def open_generator(source: Path, use_ema: bool = True) -> tuple[OneStepGenerator
         raise UserError(f"{source}: no such run or model directory")
     if not source.is_dir():
         raise UserError(f"{source}: not a directory; give a run directory or an exported generator directory")
-    if (source / "config.json").is_file():
-        from .storage import read_json
-
-        config = read_json(source / "config.json", "model config")
+    directory = source if (source / "config.json").is_file() else source / "generator"
+    if directory == source or (use_ema and (directory / "config.json").is_file()):
+        config = read_json(directory / "config.json", "model config")
         if config.get("format") == "emdctl-export":  # an ONNX or TorchScript export
             from .export import ExportedGenerator
 
-            return ExportedGenerator(source, config), config
-        gen, config = load_generator(source)
-        refuse_nonfinite_weights(gen, source)
-        return gen, config
-    if use_ema and (source / "generator" / "config.json").is_file():
-        gen, config = load_generator(source / "generator")
-        refuse_nonfinite_weights(gen, source / "generator")
+            return ExportedGenerator(directory, config), config
+        gen, config = load_generator(directory)
+        refuse_nonfinite_weights(gen, directory)
         return gen, config
     if (source / "checkpoints" / "manifest.json").is_file():
         return generator_from_checkpoint(source, use_ema)
@@ -99,11 +94,11 @@ def generator_from_checkpoint(run_dir: Path, use_ema: bool = True) -> tuple[OneS
 
 
 def refuse_nonfinite_weights(gen: torch.nn.Module, source: Path) -> None:
-    for k, v in gen.state_dict().items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise UserError(
-                f"{source}: the generator's weights hold NaN/inf ({k}); it diverged: use an earlier checkpoint"
-            )
+    key = first_nonfinite(gen)
+    if key is not None:
+        raise UserError(
+            f"{source}: the generator's weights hold NaN/inf ({key}); it diverged: use an earlier checkpoint"
+        )
 
 
 def weights_digest(module: torch.nn.Module) -> str:

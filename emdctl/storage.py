@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,8 +206,6 @@ class DirectoryLock:
 
 def move_aside(directory: Path) -> Path:
     """Rename `directory` to NAME.replaced-TIME beside it (never delete what a user made)."""
-    import time
-
     aside = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
     while aside.exists():
@@ -298,6 +297,14 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
                 f"expected {tuple(v.shape)}"
             )
     module.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()}, strict=True)
+
+
+def first_nonfinite(module: torch.nn.Module) -> str | None:
+    """The name of the first floating-point tensor of `module` holding NaN/inf, or None."""
+    for key, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
 
 
 def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

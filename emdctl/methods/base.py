@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..distributed import DistContext
 from ..errors import UserError
 from ..rng import IterationDraws
+from ..storage import first_nonfinite
 
 
 class NonFiniteError(Exception):
@@ -176,7 +177,7 @@ class Method:
     def nonfinite_state(self) -> str | None:
         """What is not finite in the state a checkpoint would hold (None: all finite)."""
         for name, module in self.modules().items():
-            for key, t in module.state_dict().items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    return f"{name}.{key} holds NaN/inf"
+            key = first_nonfinite(module)
+            if key is not None:
+                return f"{name}.{key} holds NaN/inf"
         return None
