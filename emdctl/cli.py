@@ -31,7 +31,7 @@ evaluate_app = typer.Typer(no_args_is_help=True, help="FID/KID/IS/precision-reca
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(evaluate_app, name="evaluate")
-demo_app = typer.Typer(no_args_is_help=True, help="Demonstrations: EMD vs Diff-Instruct on the same budget.")
+demo_app = typer.Typer(no_args_is_help=True, help="Demonstrations: distillation methods on the same budget.")
 app.add_typer(demo_app, name="demo")
 
 # Into a file or a pipe, rich would cut tables at 80 columns: there they get the width they need.
@@ -651,6 +651,16 @@ def evaluate_stats(
 # demo
 
 
+MethodsOpt = Annotated[
+    str,
+    typer.Option(
+        "--methods",
+        help="Comma-separated methods on the same budget and seeds, each paired with EMD "
+        "(emd, diff-instruct, moment-matching, gdd, sid, sida, dmd2).",
+    ),
+]
+
+
 @demo_app.command("mixture")
 @handles_errors
 def demo_mixture_cmd(
@@ -680,19 +690,21 @@ def demo_mixture_cmd(
             "e.g. the number of cores).",
         ),
     ] = 1,
+    methods: MethodsOpt = "emd,diff-instruct",
 ):
-    """EMD and Diff-Instruct distil an analytic mixture on the same budget; mode metrics side by side."""
-    from .commands.demo import demo_mixture, demo_mixture_seeds, mixture_base
+    """Distillation methods (by default EMD and Diff-Instruct) distil an analytic mixture on the same
+    budget and seeds; mode metrics side by side, paired statistics against EMD over --seeds."""
+    from .commands.demo import demo_mixture, demo_mixture_seeds, mixture_base, parse_methods
     from .seeds import parse_seeds
 
     every, images = _budget(eval_every, "--eval-every"), _budget(budget)
+    names = parse_methods(methods)
     base = mixture_base(sets or [], images)
     if seeds is None and jobs != 1:
         raise UserError("--jobs runs several seeds at once: give --seeds too")
     if seeds is None:
-        demo_mixture(
-            out=out_dir, budget=images, preset=preset, steps=k, seed=seed, console=err, base=base, eval_every=every
-        )
+        demo_mixture(out=out_dir, budget=images, preset=preset, steps=k, seed=seed, console=err, base=base,
+                     eval_every=every, methods=names)  # fmt: skip
         return
     if seed != 0:
         raise UserError("give --seed (one comparison) or --seeds (several, with paired statistics), not both")
@@ -710,6 +722,7 @@ def demo_mixture_cmd(
         base=base,
         eval_every=every,
         jobs=jobs,
+        methods=names,
     )
 
 
@@ -732,10 +745,11 @@ def demo_loop_cmd(
         bool,
         typer.Option(help="Also evaluate with each image's level shifted so its median pixel is black."),
     ] = False,
+    methods: MethodsOpt = "emd,diff-instruct",
 ):
-    """The quality loop: [train teacher] -> features -> teacher samples -> EMD and Diff-Instruct on the
-    same budget -> FD to teacher and data, recall, flat-image fraction, side by side (resumable)."""
-    from .commands.demo import demo_loop
+    """The quality loop: [train teacher] -> features -> teacher samples -> every method on the same
+    budget -> FD to teacher and data, recall, flat-image fraction, side by side (resumable)."""
+    from .commands.demo import demo_loop, parse_methods
 
     demo_loop(
         out=out_dir,
@@ -750,6 +764,7 @@ def demo_loop_cmd(
         device=device,
         console=err,
         shift_background=shift_background,
+        methods=parse_methods(methods),
     )
 
 

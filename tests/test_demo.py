@@ -10,7 +10,7 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
-from emdctl.commands.demo import demo_loop, demo_mixture, demo_mixture_seeds
+from emdctl.commands.demo import demo_loop, demo_mixture, demo_mixture_seeds, parse_methods
 from emdctl.errors import UserError
 from emdctl.evaluation.classifier import train_feature_net
 
@@ -62,12 +62,13 @@ def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
     # The seed reaches the runs: different seeds, different students.
     assert res["tv_distance"]["emd"][0] != res["tv_distance"]["emd"][1]
     d = [a - b for a, b in zip(res["tv_distance"]["diff-instruct"], res["tv_distance"]["emd"], strict=True)]
-    assert res["paired"]["mean_difference"] == pytest.approx(sum(d) / 2)
-    assert res["paired"]["b_lower"] == sum(x > 0 for x in d)
-    assert json.loads((out / "paired.json").read_text())["paired"]["a"] == "diff-instruct"
-    assert (out / "paired.png").is_file()
+    assert res["paired"]["diff-instruct"]["mean_difference"] == pytest.approx(sum(d) / 2)
+    assert res["paired"]["diff-instruct"]["b_lower"] == sum(x > 0 for x in d)
+    saved = json.loads((out / "paired.json").read_text())
+    assert (saved["paired"]["diff-instruct"]["a"], saved["paired"]["diff-instruct"]["b"]) == ("diff-instruct", "emd")
+    assert (out / "paired-diff-instruct.png").is_file()
     # Evaluated during training too: at 0, 320 and 640 images; the last point is the final evaluation.
-    trace = res["trace"]["points"]
+    trace = res["trace"]["points"]["diff-instruct"]
     assert [p["images"] for p in trace] == [0, 320, 640]
     assert trace[-1]["mean_a"] == pytest.approx(sum(res["tv_distance"]["diff-instruct"]) / 2, abs=1e-12)
     assert trace[-1]["mean_b"] == pytest.approx(sum(res["tv_distance"]["emd"]) / 2, abs=1e-12)
@@ -83,6 +84,7 @@ def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
             assert len(tv) == 2
             expected.append(sum(tv) / 2)
         assert half["per_seed"][m] == pytest.approx(expected, abs=1e-12)
+    assert half["paired"]["diff-instruct"]["mean_a"] == pytest.approx(sum(half["per_seed"]["diff-instruct"]) / 2)
     # Re-running the same command resumes: the finished runs are not trained again.
     again = demo_mixture_seeds(
         out=out,
@@ -107,6 +109,29 @@ def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
             a = load_file(str(out / f"seed-{s}" / m / "generator" / "model.safetensors"))
             b = load_file(str(par / f"seed-{s}" / m / "generator" / "model.safetensors"))
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_demo_mixture_compares_any_methods_with_emd(tmp_path):
+    """--methods: every method on the same budget and seeds, each paired with EMD, one table of
+    every mode metric; methods with a recipe of their own run at their papers' settings."""
+    out = tmp_path / "demo"
+    res = demo_mixture_seeds(out=out, budget=320, preset="ring8-unequal", steps=2, seeds=[0, 1], console=QUIET,
+                             base=tiny_mixture_recipe(), methods=["sid", "emd", "dmd2"])  # fmt: skip
+    assert res["reference"] == "emd" and set(res["paired"]) == {"sid", "dmd2"}
+    for m in ("sid", "dmd2"):
+        d = [a - b for a, b in zip(res["tv_distance"][m], res["tv_distance"]["emd"], strict=True)]
+        assert res["paired"][m]["mean_difference"] == pytest.approx(sum(d) / 2)
+        assert (out / f"paired-{m}.png").is_file()
+    assert res["metrics"]["sid"]["tv_distance"] == res["tv_distance"]["sid"]
+    resolved = yaml.safe_load((out / "seed-0" / "dmd2" / "recipe.yaml").read_text())
+    assert resolved["fake_score"]["steps_per_iteration"] == 5 and resolved["method"]["gan"] is True
+    resolved = yaml.safe_load((out / "seed-0" / "sid" / "recipe.yaml").read_text())
+    assert resolved["method"]["alpha"] == 1.2 and resolved["fake_score"]["noise_levels"]["dist"] == "lognormal"
+    with pytest.raises(UserError, match="--methods"):
+        parse_methods("emd,sd")
+    with pytest.raises(UserError, match="named twice"):
+        parse_methods("emd,sid,emd")
 
 
 def test_demo_mixture_cli_refuses_seed_and_seeds_together():
@@ -172,9 +197,11 @@ def test_demo_loop_on_the_mnist_teacher(tmp_path, shared_data):
     (tmp_path / "mnist.yaml").write_text(yaml.safe_dump(recipe))
     results = demo_loop(out=tmp_path / "loop", distill_recipe=tmp_path / "mnist.yaml", data=shared_data / "mnist",
                         budget=64, n=64, teacher_steps=10, features=features, device="cpu", console=QUIET,
-                        shift_background=True)  # fmt: skip
+                        shift_background=True, methods=["emd", "diff-instruct", "dmd2"])  # fmt: skip
     assert set(results) == {"teacher (10 steps)", "initial generator (1 step)", "EMD (1 step)",
-                            "Diff-Instruct (1 step)", "real data"}  # fmt: skip
+                            "Diff-Instruct (1 step)", "DMD2 (1 step)", "real data"}  # fmt: skip
+    dmd2 = yaml.safe_load((tmp_path / "loop" / "dmd2" / "recipe.yaml").read_text())
+    assert dmd2["method"]["data"]["path"] == str((shared_data / "mnist").resolve())  # its GAN's real images
     teacher = results["teacher (10 steps)"]
     assert teacher["FD_classifier to teacher"] < 1e-6 and teacher["shifted: FD_classifier to teacher"] < 1e-6
     assert all(0 <= r["flat_fraction"] <= 1 for r in results.values())

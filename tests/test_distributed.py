@@ -84,6 +84,31 @@ def test_gdd_two_gloo_processes_equal_one(tmp_path):
             assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sid", "sida", "dmd2"])
+def test_sid_sida_dmd2_two_gloo_processes_equal_one(tmp_path, name):
+    """Their gradients through the networks' inputs (SiD), the critic's shared forward of real and
+    generated rows (SiDA, DMD2) and DMD2's two time scales, over two ranks and micro-batches."""
+    recipe = tiny_mixture_recipe(
+        **{
+            "method": {"name": name},
+            "fake_score.steps_per_iteration": 2,
+            "batch.size": 32,
+            "batch.micro": 8,
+            "duration": 160,
+            "checkpoint.every": 10_000,
+        }  # fmt: skip
+    )
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(recipe))
+    t1, m1 = run_distill(tmp_path, f, tmp_path / "one", 1)
+    t2, m2 = run_distill(tmp_path, f, tmp_path / "two", 2)
+    assert m1["iteration"] == m2["iteration"] == 5 and m2["world_size"] == 2
+    for key in t1:
+        if key.startswith(("net.", "optim.")):
+            assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
+
+
 GRADIENT_SCRIPT = textwrap.dedent(
     r"""
     import gc, sys, torch, yaml

@@ -1,12 +1,13 @@
-"""`emdctl demo mixture|mnist`: EMD and Diff-Instruct on the same budget, evaluated side by side.
+"""`emdctl demo mixture|loop|mnist`: distillation methods on the same budget, evaluated side by side
+(`--methods`, by default EMD and Diff-Instruct; any of emdctl's methods, each paired with EMD).
 
 mixture: an analytic mixture teacher; per-mode mass and its total-variation distance to the true
 weights, mode recall, sliced Wasserstein; one scatter plot per method (PNG).
 loop:    the quality loop on images: optionally train an EDM teacher, train the offline classifier
-         feature space, sample the teacher, distill it with both methods, and report feature-space
+         feature space, sample the teacher, distill it with every method, and report feature-space
          distances to the teacher's samples and to the real data (plus Inception FID when weights
-         are given), recall and the fraction of degenerate flat images, for the initial generator,
-         EMD and Diff-Instruct (PNG grids side by side). `demo mnist` is this loop on the pretrained
+         are given), recall and the fraction of degenerate flat images, for the initial generator
+         and every method (PNG grids side by side). `demo mnist` is this loop on the pretrained
          MNIST DDPM with its own 1000-step samples as the reference (not real MNIST alone: the
          teacher is imperfect, and a faithful student reproduces its flaws).
 Everything is resumable: re-running the same command continues where it stopped.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import statistics
 from pathlib import Path
 
 import yaml
@@ -29,18 +31,52 @@ from ..recipe import DEFAULT_RECIPE_PATH, apply_overrides, parse_recipe, read_ya
 from ..storage import atomic_write_json
 from .distill import run_recipe
 
+# The comparison's reference: every other method is paired against it.
+REFERENCE_METHOD = "emd"
 
-def _variants(base: dict, budget: int, steps: int) -> dict[str, dict]:
+
+def parse_methods(text: str) -> list[str]:
+    """`--methods emd,diff-instruct,sid`: known names, no repeats, at least one."""
+    from ..methods import DISTILLATION_METHODS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DISTILLATION_METHODS]
+    if unknown or not names:
+        raise UserError(f"--methods {text!r}: give a comma-separated list of {', '.join(DISTILLATION_METHODS)}")
+    if len(set(names)) != len(names):
+        raise UserError(f"--methods {text!r}: a method is named twice")
+    return names
+
+
+def _variants(base: dict, budget: int, steps: int, methods=("emd", "diff-instruct"), data: dict | None = None):
+    """One recipe per method from the same base: the same teacher, generator, optimizer, batch,
+    EMA and budget. EMD and Diff-Instruct share the base's method fields (noise levels, weighting:
+    a matched pair). Every other method runs at its paper's own settings (recipe.schema's defaults:
+    SiD's alpha and levels, DMD2's levels and GAN weights), its fake score at the method's own
+    default levels, DMD2 with its five fake-score steps per generator step unless the base sets the
+    count; `data` (a DataSpec dict) is the real data of the methods that need it (a mixture's is
+    the mixture itself)."""
     base = copy.deepcopy(base)
     base["duration"] = budget
     base.setdefault("logging", {})["progress"] = False
-    emd = copy.deepcopy(base)
-    emd["method"] = {**emd["method"], "name": "emd"}
-    emd["method"].setdefault("langevin", {})["steps"] = steps
-    di = copy.deepcopy(base)
-    di["method"] = {k: v for k, v in base["method"].items() if k != "langevin"}
-    di["method"]["name"] = "diff-instruct"
-    return {"emd": emd, "diff-instruct": di}
+    shared = {k: v for k, v in base["method"].items() if k not in ("name", "langevin")}
+    out = {}
+    for name in methods:
+        r = copy.deepcopy(base)
+        if name == "emd":
+            r["method"] = {**copy.deepcopy(base["method"]), "name": "emd"}
+            r["method"].setdefault("langevin", {})["steps"] = steps
+        elif name == "diff-instruct":
+            r["method"] = {"name": name, **copy.deepcopy(shared)}
+        else:
+            r["method"] = {"name": name}
+            r.get("fake_score", {}).pop("noise_levels", None)
+            if name == "dmd2":
+                r.setdefault("fake_score", {}).setdefault("steps_per_iteration", 5)
+            if data is not None and name in ("sida", "dmd2", "gdd"):
+                r["method"]["data"] = copy.deepcopy(data)
+        out[name] = r
+    return out
 
 
 # Fields `emdctl demo mixture` sets itself, and the option that sets each.
@@ -48,7 +84,7 @@ _DEMO_MIXTURE_OWNS = {
     "seed": "--seed or --seeds",
     "duration": "--budget",
     "teacher.preset": "--preset",
-    "method.name": "nothing: both methods run",
+    "method.name": "--methods",
     "method.langevin.steps": "--k",
     "logging.eval_every": "--eval-every",
 }
@@ -91,8 +127,10 @@ def demo_mixture(
     console: Console,
     base: dict | None = None,
     eval_every: int = 0,
+    methods: list[str] | tuple[str, ...] = ("emd", "diff-instruct"),
 ) -> dict:
-    """`base`: the recipe both runs start from (default: the embedded default recipe);
+    """Every method of `methods` on the same budget and seed (OUT/METHOD), then their mode metrics
+    side by side. `base`: the recipe all runs start from (default: the embedded default recipe);
     `eval_every`: also record mode metrics during training (images; 0: off)."""
     from .evaluate import modes_and_report
 
@@ -101,11 +139,13 @@ def demo_mixture(
     base["seed"] = seed
     if eval_every:
         base.setdefault("logging", {})["eval_every"] = eval_every
+    # Every method's recipe is checked before the first run starts.
+    recipes = {name: parse_recipe({**data, "name": f"demo-mixture-{name}"}, f"demo ({name})")
+               for name, data in _variants(base, budget, steps, methods).items()}  # fmt: skip
     runs = {}
-    for name, data in _variants(base, budget, steps).items():
-        data["name"] = f"demo-mixture-{name}"
+    for name, recipe in recipes.items():
         console.print(f"[bold]{name}[/]: {budget:,} images", highlight=False)
-        run_recipe(parse_recipe(data, f"demo ({name})"), run_dir=out / name, console=console)
+        run_recipe(recipe, run_dir=out / name, console=console)
         runs[name] = out / name
     results = modes_and_report(
         sources=list(runs.values()),
@@ -116,24 +156,13 @@ def demo_mixture(
     )
     plots = [out / f"modes-{i + 1}.png" for i in range(len(runs))]
     _side_by_side(plots, out / "modes-side-by-side.png")
-    summary = {
-        name: {
-            k: results[str(p)][k]
-            for k in (
-                "tv_distance",
-                "mode_recall",
-                "modes_covered",
-                "off_mode_fraction",
-                "mode_spread",
-                "sliced_wasserstein",
-                "mode_mass",
-            )
-        }
-        for name, p in runs.items()
-    }
+    summary = {name: {k: results[str(p)][k] for k in MODE_METRICS + ("mode_mass",)} for name, p in runs.items()}
     atomic_write_json(out / "summary.json", {"budget_images": budget, "preset": preset, "K": steps, **summary})
-    console.print(f"scatter plots: {out / 'modes-side-by-side.png'}")
+    console.print(f"scatter plots ({', '.join(runs)}): {out / 'modes-side-by-side.png'}", highlight=False)
     return summary
+
+
+MODE_METRICS = ("tv_distance", "mode_recall", "modes_covered", "off_mode_fraction", "mode_spread", "sliced_wasserstein")
 
 
 def _one_thread() -> None:
@@ -145,40 +174,20 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _demo_mixture_logged(
-    out: Path, budget: int, preset: str, steps: int, seed: int, base: dict | None, eval_every: int
-) -> dict:
+def _demo_mixture_logged(out: Path, **kw) -> dict:
     """`demo_mixture` in a worker process, its console output in OUT/demo.log."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "demo.log", "w") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
         console = Console(file=log, width=120)  # progress lines (on stderr) go to the same log
-        return demo_mixture(
-            out=out,
-            budget=budget,
-            preset=preset,
-            steps=steps,
-            seed=seed,
-            console=console,
-            base=base,
-            eval_every=eval_every,
-        )
+        return demo_mixture(out=out, console=console, **kw)
 
 
-def _run_seeds(out: Path, budget, preset, steps, seeds, console, base, eval_every, jobs: int) -> dict:
+def _run_seeds(out: Path, seeds, console, jobs: int, **kw) -> dict:
     if jobs == 1:
         per_seed = {}
         for s in seeds:
             console.rule(f"seed {s}")
-            per_seed[s] = demo_mixture(
-                out=out / f"seed-{s}",
-                budget=budget,
-                preset=preset,
-                steps=steps,
-                seed=s,
-                console=console,
-                base=base,
-                eval_every=eval_every,
-            )
+            per_seed[s] = demo_mixture(out=out / f"seed-{s}", seed=s, console=console, **kw)
         return per_seed
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -186,16 +195,17 @@ def _run_seeds(out: Path, budget, preset, steps, seeds, console, base, eval_ever
     console.print(f"{len(seeds)} seeds, {jobs} at a time, one thread each; each seed's log: {out}/seed-S/demo.log")
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
-        futures = {
-            pool.submit(_demo_mixture_logged, out / f"seed-{s}", budget, preset, steps, s, base, eval_every): s
-            for s in seeds
-        }
+        futures = {pool.submit(_demo_mixture_logged, out / f"seed-{s}", seed=s, **kw): s for s in seeds}
         per_seed = {}
         for done in as_completed(futures):
             s = futures[done]
             per_seed[s] = done.result()
             console.print(f"seed {s} done ({len(per_seed)} of {len(seeds)})", highlight=False)
     return per_seed
+
+
+def _label(name: str, steps: int) -> str:
+    return f"EMD K={steps}" if name == "emd" else name
 
 
 def demo_mixture_seeds(
@@ -209,50 +219,60 @@ def demo_mixture_seeds(
     base: dict | None = None,
     eval_every: int = 0,
     jobs: int = 1,
+    methods: list[str] | tuple[str, ...] = ("emd", "diff-instruct"),
 ) -> dict:
-    """`demo_mixture` once per seed (in OUT/seed-S), then the paired comparison of the two methods'
-    TV distances over the seeds: a difference between methods on one seed can be seed noise; the
-    paired statistics say how much of it is. With `eval_every`, the same comparison at every
-    evaluation point of training as well (trace.json, tv-over-training.png). `jobs` > 1 runs that
-    many seeds at once in worker processes of one thread each (the same results)."""
+    """`demo_mixture` once per seed (in OUT/seed-S), then every method's TV distance paired with
+    the reference method's (EMD when it runs, else the first) over the seeds: a difference between
+    methods on one seed can be seed noise; the paired statistics say how much of it is. Also each
+    method's mean (sd) over seeds of every mode metric. With `eval_every`, the same comparison at
+    every evaluation point of training as well (trace.json, tv-over-training.png). `jobs` > 1 runs
+    that many seeds at once in worker processes of one thread each (the same results)."""
     from ..evaluation.paired import paired_comparison
     from ..plots import save_paired
 
     if len(seeds) < 2:
         raise UserError(f"a paired comparison needs at least two seeds (got {len(seeds)})")
-    per_seed = _run_seeds(out, budget, preset, steps, seeds, console, base, eval_every, jobs)
-    di = [per_seed[s]["diff-instruct"]["tv_distance"] for s in seeds]
-    emd = [per_seed[s]["emd"]["tv_distance"] for s in seeds]
-    paired = paired_comparison(di, emd)
+    if len(methods) < 2:
+        raise UserError(f"a comparison needs at least two methods (got {', '.join(methods)})")
+    ref = REFERENCE_METHOD if REFERENCE_METHOD in methods else methods[0]
+    others = [m for m in methods if m != ref]
+    kw = dict(budget=budget, preset=preset, steps=steps, base=base, eval_every=eval_every, methods=tuple(methods))
+    per_seed = _run_seeds(out, seeds, console, jobs, **kw)
+    tv = {m: [per_seed[s][m]["tv_distance"] for s in seeds] for m in methods}
     table = Table(title=f"TV to the true weights over {len(seeds)} seeds ({preset}, {budget:,} images each)")
-    for col in ("seed", "Diff-Instruct", f"EMD K={steps}", "EMD lower"):
-        table.add_column(col, justify="right")
-    for s, a, b in zip(seeds, di, emd, strict=True):
-        table.add_row(str(s), f"{a:.4f}", f"{b:.4f}", "yes" if b < a else "no")
-    mean_sd = [f"{paired[f'mean_{m}']:.4f} ({paired[f'sd_{m}']:.4f})" for m in ("a", "b")]
-    table.add_row("mean (sd)", *mean_sd, "")
+    table.add_column("seed", justify="right")
+    for m in methods:
+        table.add_column(_label(m, steps), justify="right")
+    for i, s in enumerate(seeds):
+        table.add_row(str(s), *[f"{tv[m][i]:.4f}" for m in methods])
+    paired = {m: {"a": m, "b": ref, **paired_comparison(tv[m], tv[ref])} for m in others}
+    table.add_row("mean (sd)", *[f"{statistics.mean(tv[m]):.4f} ({statistics.stdev(tv[m]):.4f})" for m in methods])
     console.print(table)
-    console.print(
-        f"paired difference (Diff-Instruct - EMD): {paired['mean_difference']:.4f}, standard error "
-        f"{paired['standard_error']:.4f}, t = {paired['t']:.2f}; EMD lower on {paired['b_lower']} of "
-        f"{paired['n']} seeds (sign test p = {paired['sign_test_p']:.3g}, one-sided); sign-flip p = "
-        f"{paired['sign_flip_p']:.3g} (one-sided)",
-        highlight=False,
-    )
-    save_paired(di, emd, [str(s) for s in seeds], out / "paired.png", ("Diff-Instruct TV", "EMD TV"),
-                title="per seed: below the diagonal, EMD has the lower TV")  # fmt: skip
+    for m, p in paired.items():
+        console.print(
+            f"{m} - {_label(ref, steps)}: {p['mean_difference']:+.4f}, standard error {p['standard_error']:.4f}, "
+            f"t = {p['t']:.2f}; {ref} lower on {p['b_lower']} of {p['n']} seeds (sign test p = "
+            f"{p['sign_test_p']:.3g}, one-sided); sign-flip p = {p['sign_flip_p']:.3g} (one-sided)",
+            highlight=False,
+        )
+        save_paired(tv[m], tv[ref], [str(s) for s in seeds], out / f"paired-{m}.png", (f"{m} TV", f"{ref} TV"),
+                    title=f"per seed: below the diagonal, {ref} has the lower TV")  # fmt: skip
+    metrics = {m: {k: [float(per_seed[s][m][k]) for s in seeds] for k in MODE_METRICS} for m in methods}
     result = {
         "budget_images": budget,
         "preset": preset,
         "K": steps,
         "seeds": seeds,
-        "tv_distance": {"diff-instruct": di, "emd": emd},
-        "paired": {"a": "diff-instruct", "b": "emd", **paired},
+        "methods": list(methods),
+        "reference": ref,
+        "tv_distance": tv,
+        "metrics": metrics,
+        "paired": paired,
     }
     if eval_every:
-        result["trace"] = _paired_trace(out, seeds, steps, console)
+        result["trace"] = _paired_trace(out, seeds, steps, console, ref, others)
     atomic_write_json(out / "paired.json", result)
-    console.print(f"paired plot: {out / 'paired.png'}")
+    console.print(f"paired plots: {', '.join(str(out / f'paired-{m}.png') for m in others)}", highlight=False)
     return result
 
 
@@ -263,54 +283,69 @@ def _training_evaluations(run: Path) -> dict[int, float]:
     return {r["images"]: r["eval/tv_distance"] for r in records if r.get("kind") == "evaluation" and "iteration" in r}
 
 
-def _paired_trace(out: Path, seeds: list[int], steps: int, console: Console) -> dict:
-    """The paired comparison at every evaluation point all runs share."""
+def _paired_trace(out: Path, seeds: list[int], steps: int, console: Console, ref: str, others: list[str]) -> dict:
+    """The paired comparison of every method with the reference at every evaluation point all runs
+    share."""
     from ..evaluation.paired import paired_comparison
     from ..plots import save_lines
 
-    runs = {m: [_training_evaluations(out / f"seed-{s}" / m) for s in seeds] for m in ("diff-instruct", "emd")}
+    methods = [*others, ref]
+    runs = {m: [_training_evaluations(out / f"seed-{s}" / m) for s in seeds] for m in methods}
     points = sorted(set.intersection(*(set(t) for traces in runs.values() for t in traces)))
     table = Table(
         title=f"TV to the true weights during training, mean over {len(seeds)} seeds "
-        "(DI: Diff-Instruct; p: one-sided sign-flip)"
+        f"(difference: method - {ref}; p: one-sided sign-flip)"
     )
-    for col in ("images", "DI", f"EMD K={steps}", "DI - EMD (SE)", "EMD lower", "p"):
-        table.add_column(col, justify="right", no_wrap=True)
-    trace = []
+    table.add_column("images", justify="right", no_wrap=True)
+    for m in methods:
+        table.add_column(_label(m, steps), justify="right", no_wrap=True)
+    for m in others:
+        table.add_column(f"{m} - {ref} (SE), p", justify="right", no_wrap=True)
+    trace: dict[str, list] = {m: [] for m in others}
     for x in points:
-        p = paired_comparison([t[x] for t in runs["diff-instruct"]], [t[x] for t in runs["emd"]])
-        trace.append({"images": x, **p})
-        table.add_row(f"{x:,}", f"{p['mean_a']:.4f}", f"{p['mean_b']:.4f}",
-                      f"{p['mean_difference']:.4f} ({p['standard_error']:.4f})", f"{p['b_lower']}/{p['n']}",
-                      f"{p['sign_flip_p']:.3g}")  # fmt: skip
+        row = [f"{x:,}"]
+        stats = {m: paired_comparison([t[x] for t in runs[m]], [t[x] for t in runs[ref]]) for m in others}
+        for m in others:
+            trace[m].append({"images": x, **stats[m]})
+        row += [f"{stats[m]['mean_a']:.4f}" for m in others] + [f"{next(iter(stats.values()))['mean_b']:.4f}"]
+        row += [f"{stats[m]['mean_difference']:+.4f} ({stats[m]['standard_error']:.4f}), {stats[m]['sign_flip_p']:.3g}"
+                for m in others]  # fmt: skip
+        table.add_row(*row)
     console.print(table)
     n = len(seeds) ** 0.5
-    shown = trace[1:] if len(trace) > 2 else trace  # the initial generator's TV would flatten the rest
-    series = {
-        name: ([p[f"mean_{k}"] for p in shown], [p[f"sd_{k}"] / n for p in shown])
-        for name, k in (("Diff-Instruct", "a"), (f"EMD K={steps}", "b"))
-    }
-    save_lines([p["images"] for p in shown], series, out / "tv-over-training.png",
+    first = trace[others[0]]
+    keep = slice(1, None) if len(first) > 2 else slice(None)  # the initial generator's TV would flatten the rest
+    series = {_label(m, steps): ([p["mean_a"] for p in trace[m][keep]], [p["sd_a"] / n for p in trace[m][keep]])
+              for m in others}  # fmt: skip
+    series[_label(ref, steps)] = ([p["mean_b"] for p in first[keep]], [p["sd_b"] / n for p in first[keep]])
+    save_lines([p["images"] for p in first[keep]], series, out / "tv-over-training.png",
                title=f"TV to the true weights, mean +- SE over {len(seeds)} seeds")  # fmt: skip
     console.print(f"TV over training: {out / 'tv-over-training.png'}")
     # One run's TV swings by about +-0.01 between evaluations (generator and fake score chase each
     # other); its mean over the second half of training is a steadier per-seed figure.
     late = [x for x in points if x >= points[-1] / 2]
     per_seed = {m: [sum(t[x] for x in late) / len(late) for t in traces] for m, traces in runs.items()}
-    p = paired_comparison(per_seed["diff-instruct"], per_seed["emd"])
-    console.print(
-        f"mean TV over the {len(late)} evaluations from {late[0]:,} images on: Diff-Instruct {p['mean_a']:.4f} "
-        f"(sd {p['sd_a']:.4f}), EMD {p['mean_b']:.4f} (sd {p['sd_b']:.4f}); difference {p['mean_difference']:.4f}, "
-        f"SE {p['standard_error']:.4f}, t = {p['t']:.2f}; EMD lower on {p['b_lower']} of {p['n']} seeds "
-        f"(sign test p = {p['sign_test_p']:.3g}); sign-flip p = {p['sign_flip_p']:.3g} (one-sided)",
-        highlight=False,
-    )
+    second_half = {}
+    for m in others:
+        p = paired_comparison(per_seed[m], per_seed[ref])
+        second_half[m] = {"a": m, "b": ref, **p}
+        console.print(
+            f"mean TV over the {len(late)} evaluations from {late[0]:,} images on: {m} {p['mean_a']:.4f} "
+            f"(sd {p['sd_a']:.4f}), {ref} {p['mean_b']:.4f} (sd {p['sd_b']:.4f}); difference "
+            f"{p['mean_difference']:+.4f}, SE {p['standard_error']:.4f}, t = {p['t']:.2f}; {ref} lower on "
+            f"{p['b_lower']} of {p['n']} seeds (sign test p = {p['sign_test_p']:.3g}); sign-flip p = "
+            f"{p['sign_flip_p']:.3g} (one-sided)",
+            highlight=False,
+        )
     return {
-        "a": "diff-instruct",
-        "b": "emd",
+        "reference": ref,
         "points": trace,
-        "second_half": {"from_images": late[0], "evaluations": len(late), "per_seed": per_seed, **p},
+        "second_half": {"from_images": late[0], "evaluations": len(late), "per_seed": per_seed, "paired": second_half},
     }
+
+
+LOOP_LABELS = {"emd": "EMD", "diff-instruct": "Diff-Instruct", "sid": "SiD", "sida": "SiDA", "dmd2": "DMD2",
+               "gdd": "GDD", "moment-matching": "Moment Matching"}  # fmt: skip
 
 
 def demo_loop(
@@ -327,12 +362,13 @@ def demo_loop(
     device: str = "auto",
     console: Console | None = None,
     shift_background: bool = False,
+    methods: list[str] | tuple[str, ...] = ("emd", "diff-instruct"),
 ) -> dict:
     """The quality loop: [train the teacher], train the feature space, sample the teacher, distill it
-    with EMD and Diff-Instruct on the same budget, and evaluate every model against the teacher's
-    samples and the real data. shift_background: also evaluate every image set after
-    `shift_background` (for a teacher whose score cannot see an image's mean level), as rows marked
-    "shifted"."""
+    with every method of `methods` on the same budget (the methods that need real data get `data`),
+    and evaluate every model against the teacher's samples and the real data. shift_background:
+    also evaluate every image set after `shift_background` (for a teacher whose score cannot see an
+    image's mean level), as rows marked "shifted"."""
     from ..distributed import resolve_device
     from ..evaluation.classifier import train_feature_net
     from ..evaluation.fidelity import compute_metrics, open_feature_space, reference_from_features
@@ -361,6 +397,11 @@ def demo_loop(
     # A bad recipe or a missing teacher fails here, not after minutes of feature training.
     r = parse_recipe(base, str(distill_recipe))
     teacher = load_teacher(r.teacher, seed=r.seed)
+    real = {"path": str(Path(data).resolve()), "labels": bool(teacher.label_dim)}
+    variants = _variants(
+        base, budget or r.duration, r.method.langevin.steps if r.method.name == "emd" else 8, methods, real
+    )
+    checked = {name: parse_recipe({**v, "name": f"demo-{name}"}, f"demo ({name})") for name, v in variants.items()}
     init_dir = out / "initial-generator"
     if not (init_dir / "config.json").exists():
         gen = build_generator(teacher.student_config, r.generator.sigma_star, r.generator.arch_overrides)
@@ -395,16 +436,14 @@ def demo_loop(
     )
 
     budget = budget or r.duration
-    for name, variant in _variants(base, budget, base.get("method", {}).get("langevin", {}).get("steps", 8)).items():
-        variant["name"] = f"demo-{name}"
+    for name, recipe in checked.items():
         console.print(f"[bold]{name}[/]: {budget:,} images", highlight=False)
-        run_recipe(parse_recipe(variant, f"demo ({name})"), run_dir=out / name, console=console)
+        run_recipe(recipe, run_dir=out / name, console=console)
 
     sources = {
         f"teacher ({teacher_steps} steps)": out / "teacher-samples" / "samples.npz",
         "initial generator (1 step)": init_dir,
-        "EMD (1 step)": out / "emd",
-        "Diff-Instruct (1 step)": out / "diff-instruct",
+        **{f"{LOOP_LABELS.get(name, name)} (1 step)": out / name for name in checked},
         "real data": Path(data),
     }
     eval_seeds = list(range(10_000_000, 10_000_000 + n))  # not the seeds the teacher samples used
@@ -466,5 +505,5 @@ def demo_loop(
             "results": results,
         },
     )
-    console.print(f"image grids (teacher, initial, EMD, Diff-Instruct, real): {out / 'grids-side-by-side.png'}")
+    console.print(f"image grids ({', '.join(sources)}): {out / 'grids-side-by-side.png'}", highlight=False)
     return results

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from .diff_instruct import DiffInstruct
+from .dmd2 import DMD2
 from .emd import EMD
 from .gdd import GDD
 from .moment_matching import MomentMatching
+from .sid import SiD
+from .sida import SiDA
 
-DISTILLATION_METHODS = {"emd": EMD, "diff-instruct": DiffInstruct, "moment-matching": MomentMatching, "gdd": GDD}
+DISTILLATION_METHODS = {
+    "emd": EMD,
+    "diff-instruct": DiffInstruct,
+    "moment-matching": MomentMatching,
+    "gdd": GDD,
+    "sid": SiD,
+    "sida": SiDA,
+    "dmd2": DMD2,
+}
 
 
 def build_method(recipe, dist, teacher=None):
@@ -19,4 +30,14 @@ def build_method(recipe, dist, teacher=None):
     return DISTILLATION_METHODS[recipe.method.name](recipe, teacher, dist)
 
 
-__all__ = ["DISTILLATION_METHODS", "DiffInstruct", "EMD", "GDD", "MomentMatching", "build_method"]
+__all__ = [
+    "DISTILLATION_METHODS",
+    "DMD2",
+    "DiffInstruct",
+    "EMD",
+    "GDD",
+    "MomentMatching",
+    "SiD",
+    "SiDA",
+    "build_method",
+]

@@ -63,14 +63,18 @@ class Batching:
         return [slice(start + m, start + m + self.micro) for m in range(0, self.local_size, self.micro)]
 
 
-def make_adam(params, lr, betas, eps, weight_decay, device) -> torch.optim.Optimizer:
+def make_adam(params, lr, betas, eps, weight_decay, device, decoupled: bool = False) -> torch.optim.Optimizer:
+    """Adam (L2 weight decay) or, decoupled, AdamW."""
     fused = torch.device(device).type == "cuda"
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
 
 
-def decay_factor(decay, images: int, duration: int) -> float:
-    """The learning-rate multiplier of `optim.decay` after `images` images: 1 until decay.start, then
-    a cosine (or a line) down to decay.final at `duration`."""
+def decay_factor(decay, images: int, duration: int, warmup: int = 0) -> float:
+    """The learning-rate multiplier after `images` images: a linear rise over the first `warmup`
+    images; 1 until decay.start, then a cosine (or a line) down to decay.final at `duration`."""
+    if warmup and images < warmup:
+        return images / warmup
     if decay is None or images <= decay.start:
         return 1.0
     u = min((images - decay.start) / (duration - decay.start), 1.0)

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..generator import OneStepGenerator, build_generator
 from ..memory import check_fits
 from ..networks import build_denoiser
+from ..networks.critic import FakeScoreCritic
 from ..networks.precond import Denoiser
 from ..precision import apply_policy, compile_for
 from ..rng import IterationDraws, PerSeedRandom
@@ -86,9 +87,10 @@ class DistillationMethod(Method):
         self.fake = fake.to(self.device).train()
         o = recipe.optim
         trainable = [p for p in self.generator.parameters() if p.requires_grad]
-        self.opt_gen = make_adam(trainable, o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device)
+        adamw = o.optimizer == "adamw"
+        self.opt_gen = make_adam(trainable, o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device, adamw)
         critic_trainable = [p for p in self.fake.parameters() if p.requires_grad]  # GDD: frozen feature nets
-        self.opt_fake = make_adam(critic_trainable, o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device)
+        self.opt_fake = make_adam(critic_trainable, o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device, adamw)
         self.pin_level = recipe.method.levels_pinned()  # recipe.schema.PinnableSpec says why
         # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
         self.compiled = recipe.precision.compile and self.device.type == "cuda"
@@ -137,13 +139,37 @@ class DistillationMethod(Method):
 
     def initialize(self) -> None:
         """The generator, its EMA and a denoiser critic start as the teacher (GDD's discriminator
-        keeps its own seeded initialization)."""
+        and DMD2's classifier head keep their own seeded initialization); with generator.init_from,
+        the generator and its EMA start from that run's (EMA) generator instead."""
         weights = self.teacher_info.init_weights()
         targets = [self.generator.denoiser, self.generator_ema.denoiser]
-        if isinstance(self.fake, Denoiser):
-            targets.append(self.fake)
+        critic = self.fake.denoiser if isinstance(self.fake, FakeScoreCritic) else self.fake
+        if isinstance(critic, Denoiser):
+            targets.append(critic)
         for target in targets:
             load_state_strict(target, weights, f"teacher weights ({self.teacher_info.source})")
+        source = self.recipe.generator.init_from
+        if source is not None:
+            self.start_generator_from(source)
+
+    def start_generator_from(self, source: Path) -> None:
+        from ..sampling import open_generator
+
+        what = f"generator.init_from ({source})"
+        try:
+            gen, _ = open_generator(source, use_ema=True)
+        except UserError as e:
+            raise UserError(f"{what}: {e}") from None
+        if not isinstance(gen, OneStepGenerator):
+            raise UserError(f"{what}: ONNX/TorchScript exports cannot be trained; give the run or a safetensors export")
+        if abs(gen.sigma_star - self.generator.sigma_star) > 1e-6 * self.generator.sigma_star:
+            raise UserError(
+                f"{what}: that generator was trained at sigma* = {gen.sigma_star:g}, this recipe's is "
+                f"{self.generator.sigma_star:g}; set generator.sigma_init to {gen.sigma_star:g}"
+            )
+        state = gen.denoiser.state_dict()
+        for target in (self.generator.denoiser, self.generator_ema.denoiser):
+            load_state_strict(target, state, what)
 
     def data_info(self) -> dict:
         if len(self.img_shape) == 3:
@@ -152,7 +178,7 @@ class DistillationMethod(Method):
 
     def set_learning_rates(self, iteration: int) -> None:
         r = self.recipe
-        f = decay_factor(r.optim.decay, iteration * r.batch.size, r.duration)
+        f = decay_factor(r.optim.decay, iteration * r.batch.size, r.duration, r.optim.warmup)
         for opt, lr in ((self.opt_gen, r.optim.lr_gen), (self.opt_fake, r.optim.lr_fake)):
             for g in opt.param_groups:
                 g["lr"] = lr * f
@@ -187,6 +213,11 @@ class DistillationMethod(Method):
                 f"method.data: the teacher is class-conditional; {spec.path} needs labels (data.labels: true)"
             )
         self.loader = IterationLoader(dataset, self.recipe.seed, self.batching, self.device, spec.xflip, "real/xflip")
+
+    def hold_real_batches(self, draws: IterationDraws, iteration: int) -> None:
+        """This iteration's real micro-batches, by their first global row (`self.reals[rows.start]`)."""
+        batches = self.real_batches(draws, iteration)
+        self.reals = {rows.start: b for rows, b in zip(self.batching.micro_rows(), batches, strict=True)}
 
     def real_batches(self, draws: IterationDraws, iteration: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(x, labels) of this rank's micro-batches of real data: drawn from the mixture itself, or
@@ -236,30 +267,34 @@ class DistillationMethod(Method):
         s = sigma.reshape(-1, *([1] * len(self.img_shape)))
         return x0 + s * noise, sigma, labels, x0, (x0,)
 
+    def critic_loss(self, draws: IterationDraws, j: int, rows: slice) -> tuple[torch.Tensor, dict]:
+        """Per-sample loss of the second network at step j on one micro-batch, and stats to report
+        (averaged over micro-batches). Here denoising score matching as `fake_batch` describes."""
+        x_in, sigma, labels, x0, targets = self.fake_batch(draws, j, rows)
+        d = self.training.fake(x_in, sigma, labels)
+        err = sum((d - t).square() for t in targets)
+        self.last_diagnostics = {"stage": "fake", "sigma": stats_of(sigma), "x0": stats_of(x0), "d_fake": stats_of(d)}
+        return self.fake.dsm_weight(sigma) * err.flatten(1).sum(1), {}
+
     def fake_update(self, draws: IterationDraws, j: int) -> dict[str, torch.Tensor]:
         rows_list = self.batching.micro_rows()
         loss_sum = torch.zeros((), device=self.device)
+        stats: dict[str, torch.Tensor] = {}
         for m, rows in enumerate(rows_list):
-            x_in, sigma, labels, x0, targets = self.fake_batch(draws, j, rows)
             with no_sync(self.training.fake_ddp, m == len(rows_list) - 1):
-                d = self.training.fake(x_in, sigma, labels)
-                err = sum((d - t).square() for t in targets)
-                per_sample = self.fake.dsm_weight(sigma) * err.flatten(1).sum(1)
+                per_sample, st = self.critic_loss(draws, j, rows)
                 loss = per_sample.sum() / self.batching.local_size
                 loss.backward()
             loss_sum = loss_sum + loss.detach()
-            self.last_diagnostics = {
-                "stage": "fake",
-                "sigma": stats_of(sigma),
-                "x0": stats_of(x0),
-                "d_fake": stats_of(d),
-            }
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0) + v.detach() / len(rows_list)
         # Report the per-pixel loss (the optimized sum over pixels divided by their count).
         numel = math.prod(self.img_shape)
         out = self.optimizer_step(
             "fake", self.opt_fake, self.fake.parameters(), self.recipe.optim.grad_clip_fake, loss_sum
         )
         out["loss/fake"] = out["loss/fake"] / numel
+        out.update(stats)
         return out
 
     # -- generator ---------------------------------------------------------------------------------

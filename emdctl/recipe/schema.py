@@ -202,11 +202,15 @@ TeacherSpec = Annotated[
 
 
 class GeneratorSpec(Strict):
-    """g(z) = D_teacher(sigma* z; sigma*) with the teacher's weights (Sec. 'Generator initialization')."""
+    """g(z) = D_teacher(sigma* z; sigma*) with the teacher's weights (Sec. 'Generator initialization').
+    init_from: start instead from the generator of an earlier emdctl run or exported model directory
+    (its EMA weights; e.g. SiD²A = SiDA started from a SiD run); its sigma* and architecture must be
+    this recipe's."""
 
     sigma_init: PositiveFloat | None = 2.5
     lambda_init: float | None = None
     arch_overrides: dict[str, Any] = Field(default_factory=dict)
+    init_from: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -261,8 +265,12 @@ class MethodSpecBase(Strict):
         return False
 
     def own_noise_levels(self) -> NoiseLevels | None:
-        """The method's noise levels, the fake score's default (None: it has none)."""
+        """The method's noise levels (None: it has none)."""
         return None
+
+    def fake_noise_levels(self) -> NoiseLevels | None:
+        """The fake score's default noise levels: by default the method's own (None: it has none)."""
+        return self.own_noise_levels()
 
     def check(self, recipe) -> None:
         self.check_cuda_graphs(recipe)
@@ -445,8 +453,102 @@ class GDDSpec(MethodSpecBase):
             raise ValueError("method.discriminator.augment: augmentations are for images; remove it for a mixture")
 
 
+def karras_sigma(u: float, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> float:
+    """The point u in [0, 1] of EDM's sampling ramp (u = 0: sigma_max, u = 1: sigma_min)."""
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + u * (b - a)) ** rho
+
+
+# SiD draws t ~ U[0, tmax / 1000] and sigma at the point 1 - t of the ramp: tmax = 800 is the Karras
+# distribution between sigma_min = 0.002 and this sigma_max.
+SID_SIGMA_MAX = karras_sigma(0.2)
+
+
+def _gan_data_check(spec, recipe, method: str) -> None:
+    mixture = recipe.teacher.is_mixture
+    if mixture and spec.data is not None:
+        raise ValueError("method.data: a mixture teacher's real data is the mixture itself; remove method.data")
+    if not mixture and spec.data is None and spec.uses_real_data():
+        raise ValueError(f"method.data: {method} trains its discriminator on real images; give method.data.path")
+
+
+class SiDSpec(PinnableSpec):
+    """Score identity Distillation (Zhou et al. 2024, arXiv 2404.04057). The generator loss per
+    sample is sum over pixels of (D_t - D_f) * ((D_t - x) - alpha (D_t - D_f)) / mean|x - D_t|, at
+    x_t = x + sigma n, differentiated through x and through both networks' inputs (the official
+    code's form); alpha 1.2 in the paper. noise_levels: SiD's tmax = 800 (Karras, sigma 0.002 to
+    24.4). The fake score is trained by EDM's denoising loss at EDM's log-normal levels."""
+
+    name: Literal["sid"]
+    alpha: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.2
+    noise_levels: NoiseLevels = NoiseLevels(dist="karras", sigma_min=0.002, sigma_max=SID_SIGMA_MAX)
+    pin_level: bool = False
+
+    def fake_noise_levels(self) -> NoiseLevels | None:
+        return NoiseLevels()  # EDM's training distribution, ln sigma ~ N(-1.2, 1.2^2), as SiD's code
+
+
+class SiDASpec(SiDSpec):
+    """SiDA (Zhou et al. 2024, arXiv 2410.14919): SiD plus a GAN whose discriminator is the fake score
+    network's encoder (logits: the channel mean of its bottleneck, no extra parameters), trained on
+    real data (method.data; a mixture teacher's real data is the mixture). Generator, per sample:
+    L_SiD + gan_gen_weight * (pixels) * mean softplus(-logit) / mean|x - D_t| at the same x_t.
+    Fake score: DSM + gan_disc_weight * lambda(sigma) * (BCE(real) + BCE(fake)) / 2, the real images
+    noised with the same sigma and noise as the generated ones. Defaults: the official scripts
+    (alpha 1, lsg_gan / lsg = 0.01 / 100, lsd / ls = 1)."""
+
+    name: Literal["sida"]
+    alpha: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.0
+    data: DataSpec | None = None
+    gan_gen_weight: NonNegFloat = 1e-4
+    gan_disc_weight: NonNegFloat = 1.0
+
+    def uses_real_data(self) -> bool:
+        return True
+
+    def check(self, recipe) -> None:
+        super().check(recipe)
+        _gan_data_check(self, recipe, "sida")
+
+
+class DMD2Spec(MethodSpecBase):
+    """DMD2 (Yin et al. 2024, arXiv 2405.14867): distribution matching, i.e. the Diff-Instruct
+    direction D_t - D_f normalized per sample by mean|x - D_t| (DMD's weighting), plus (gan: true)
+    a GAN classifier head on the fake score's bottleneck trained on real data. No regression loss.
+    Two time scales: fake_score.steps_per_iteration fake-score/classifier updates per generator
+    update (DMD2: 5). noise_levels: DMD2's steps 2%..98% of the 1000-point Karras grid (sigma 0.00323
+    to 72.05, here continuous); the fake score and the classifier's noisy inputs span the whole grid.
+    Weights as the official ImageNet-64 script: gen_cls_loss_weight 3e-3, cls_loss_weight 1e-2
+    (multiplied by the pixel count, because emdctl's losses sum over pixels where DMD2's average)."""
+
+    name: Literal["dmd2"]
+    noise_levels: NoiseLevels = NoiseLevels(
+        dist="karras", sigma_min=karras_sigma(979 / 999), sigma_max=karras_sigma(19 / 999)
+    )
+    gan: bool = True
+    gan_levels: NoiseLevels = NoiseLevels(dist="karras", sigma_min=0.002, sigma_max=80.0)
+    data: DataSpec | None = None
+    gan_gen_weight: NonNegFloat = 3e-3
+    gan_disc_weight: NonNegFloat = 1e-2
+
+    def own_noise_levels(self) -> NoiseLevels | None:
+        return self.noise_levels
+
+    def fake_noise_levels(self) -> NoiseLevels | None:
+        return NoiseLevels(dist="karras", sigma_min=0.002, sigma_max=80.0)
+
+    def uses_real_data(self) -> bool:
+        return self.gan
+
+    def check(self, recipe) -> None:
+        super().check(recipe)
+        _gan_data_check(self, recipe, "dmd2")
+        if not self.gan and self.data is not None:
+            raise ValueError("method.data: used only with method.gan: true; remove it or turn the GAN on")
+
+
 MethodSpec = Annotated[
-    Union[EMDSpec, DiffInstructSpec, MomentMatchingSpec, GDDSpec],  # noqa: UP007
+    Union[EMDSpec, DiffInstructSpec, MomentMatchingSpec, GDDSpec, SiDSpec, SiDASpec, DMD2Spec],  # noqa: UP007
     Field(discriminator="name"),
 ]
 
@@ -470,6 +572,11 @@ class LRDecay(Strict):
 
 
 class Optim(Strict):
+    """Adam for both networks (adamw: decoupled weight decay, as DMD2 uses). warmup: both learning
+    rates rise linearly from 0 over this many images (DMD2's constant_with_warmup)."""
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    warmup: ImageCount = 0
     lr_gen: LearningRate = 1e-5
     lr_fake: LearningRate = 1e-5
     betas_gen: tuple[Beta, Beta] = (0.0, 0.99)
@@ -574,7 +681,7 @@ class DistillRecipe(_RunCommon):
     def _fake_score_levels_default_to_the_method(self):
         # Runs first (validators run in order): the method's rules below see the resolved levels.
         if self.fake_score.noise_levels is None:
-            own = self.method.own_noise_levels()
+            own = self.method.fake_noise_levels()
             self.fake_score.noise_levels = own.model_copy() if own is not None else NoiseLevels()
         return self
 
