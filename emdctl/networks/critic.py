@@ -107,8 +107,11 @@ class FakeScoreCritic(nn.Module):
 
     def _bottleneck_shape(self) -> tuple[int, ...]:
         x = torch.zeros(1, *self.denoiser.img_shape)
+        training = self.denoiser.training
+        self.denoiser.eval()  # no dropout: the dry run draws no random numbers
         with torch.no_grad():
             _, h = self._forward(x, torch.ones(1), None)
+        self.denoiser.train(training)
         return tuple(h.shape[1:])
 
     def _forward(self, x, sigma, labels):
