@@ -72,6 +72,9 @@ def describe(method, recipe) -> str:
     act = None
     if cfg is not None:
         act = activation_bytes(cfg, method.batching.micro, recipe.precision.dtype, recipe.precision.checkpointing)
+        # Methods whose generator step backpropagates through the teacher and the fake score
+        # (SiD, SiDA) hold several networks' activations at once.
+        act = act and act * getattr(method, "networks_in_backward", 1)
     where = "GPU" if method.device.type == "cuda" else "host"
     text = f"{where} memory estimate: networks + optimizer states {static / GB:.2f} GB"
     if act is not None:
@@ -103,10 +106,13 @@ def parameters_on_meta(config: dict) -> int | None:
     return None if den is None else sum(p.numel() for p in den.parameters())
 
 
-def check_fits(config: dict, copies: int, micro_batch: int, dtype: str, checkpointing: bool, device, what: str) -> None:
+def check_fits(
+    config: dict, copies: int, micro_batch: int, dtype: str, checkpointing: bool, device, what: str, activations=1
+) -> None:
     """Refuse, before anything is allocated, a run whose networks (`copies` float32 copies' worth:
-    networks, EMA, gradients, Adam moments) and one micro-batch's activations cannot fit in what the
-    device has free. Only a clear miss is refused (an estimate: the real need may be a little higher)."""
+    networks, EMA, gradients, Adam moments) and one micro-batch's activations (of `activations`
+    networks in one backward) cannot fit in what the device has free. Only a clear miss is refused
+    (an estimate: the real need may be a little higher)."""
     from .errors import UserError
 
     try:
@@ -115,7 +121,7 @@ def check_fits(config: dict, copies: int, micro_batch: int, dtype: str, checkpoi
         raise UserError(f"{what}: the network it describes cannot be built ({str(e)[:120]})") from None
     if params is None:
         return  # not buildable on the meta device: no estimate (such networks are small and fixed)
-    act = activation_bytes(config, micro_batch, dtype, checkpointing) or 0
+    act = (activation_bytes(config, micro_batch, dtype, checkpointing) or 0) * activations
     need = params * 4 * copies + act
     free = available_bytes(torch.device(device))
     if free is not None and need > free:

@@ -14,13 +14,13 @@ from emdctl.checkpoint import CheckpointManager
 from emdctl.commands.distill import run_recipe
 from emdctl.distributed import DistContext
 from emdctl.errors import UserError
-from emdctl.methods import SiDA
+from emdctl.methods import DiffInstruct, SiDA
 from emdctl.networks.critic import ConvLogitHead, FakeScoreCritic
 from emdctl.recipe import parse_recipe
 from emdctl.rng import IterationDraws
 from emdctl.teachers import load_pretrained_denoiser, load_teacher
 
-from .conftest import fresh
+from .conftest import fresh, tiny_mixture_recipe
 from .test_sid import assert_close, build, capture_bottleneck, exact_denoisers, method_grad, random_seed, reference_grad
 
 
@@ -161,3 +161,27 @@ def test_sid2a_starts_from_a_sid_run(image_setup, tmp_path):
         build_sida(image_recipe(image_setup, "sida", **other))
     with pytest.raises(UserError, match=r"generator\.init_from \(.*missing\)"):
         build_sida(image_recipe(image_setup, "sida", **{"generator.init_from": str(tmp_path / "missing")}))
+
+
+def test_dmd2_without_its_gan_is_diff_instruct_with_dmds_weighting():
+    """gan: false: DMD2's gradient is Diff-Instruct's with `weighting: dmd` (w = sigma^2 / mean|x - D_t|
+    times the direction (D_t - D_f) / sigma^2) at the same levels and draws."""
+    g = fresh()
+    seed, it = random_seed(g), int(torch.randint(0, 1000, (1,), generator=g))
+    levels = {"dist": "karras", "sigma_min": 0.01, "sigma_max": 40.0}
+    dmd = build("dmd2", seed=seed, **{"method.gan": False, "method.noise_levels": levels})
+    recipe = parse_recipe(
+        tiny_mixture_recipe(
+            **{"method": {"name": "diff-instruct", "weighting": "dmd", "noise_levels": levels}, "seed": seed}
+        ),
+        "t",
+    )
+    di = DiffInstruct(recipe, load_teacher(recipe.teacher, seed=0), DistContext())
+    di.initialize()
+    teacher, fake = exact_denoisers(dmd, g)
+    for m in (dmd, di):
+        m.inference.teacher, m.inference.fake = teacher, fake
+    want = method_grad(di, it)
+    assert want.norm() > 0
+    # float32: sigma^2 * (Delta / sigma^2) rounds; a wrong weighting would be off by O(1)
+    assert torch.allclose(method_grad(dmd, it), want, rtol=1e-3, atol=1e-5 * float(want.abs().max()))

@@ -221,3 +221,18 @@ def test_mixture_resume_bit_for_bit(tmp_path, name):
         assert torch.equal(a[k], b[k]), k
     if name == "dmd2":
         assert any(k.startswith("net.fake.head.") for k in a)
+
+
+def test_sida_without_its_gan_terms_is_sid():
+    """gan_gen_weight = 0: SiDA's generator gradient is SiD's at the same alpha and draws (its fake
+    score network's logits enter nothing)."""
+    g = fresh()
+    seed, it = random_seed(g), int(torch.randint(0, 1000, (1,), generator=g))
+    sida = build("sida", seed=seed, **{"method.gan_gen_weight": 0.0})
+    sid = build("sid", seed=seed, **{"method.alpha": 1.0})
+    teacher, _ = exact_denoisers(sid, g)
+    sid.inference.teacher = sida.inference.teacher = teacher
+    sid.fake.load_state_dict(sida.fake.denoiser.state_dict())
+    want = method_grad(sid, it)
+    assert want.norm() > 0
+    assert torch.allclose(method_grad(sida, it), want, rtol=1e-5, atol=1e-7 * float(want.abs().max()))

@@ -63,6 +63,7 @@ class DistillationMethod(Method):
     critic_name = "fake"  # the second network's name in checkpoints and configs
     plotted = (*Method.plotted, "gen/")
     critic_ddp = True  # whether `fake` is trained through DDP (GDD averages its gradients by hand)
+    networks_in_backward = 1  # networks whose activations the generator's backward holds (memory estimate)
 
     def __init__(self, recipe, teacher: Teacher, dist):
         super().__init__(recipe, dist)
@@ -76,7 +77,7 @@ class DistillationMethod(Method):
         # Before anything is allocated: the generator, its EMA and the critic, with the gradients and
         # two Adam moments of generator and critic (9 copies of a student's float32 weights).
         check_fits(config, 9, self.batching.micro, prec.dtype, prec.checkpointing, self.device,
-                   "the teacher's network with generator.arch_overrides")  # fmt: skip
+                   "the teacher's network with generator.arch_overrides", self.networks_in_backward)  # fmt: skip
         gen = build_generator(teacher.student_config, recipe.generator.sigma_star, recipe.generator.arch_overrides)
         for m in (self.teacher, gen):
             apply_policy(m, prec.dtype, prec.channels_last, prec.checkpointing)

@@ -29,6 +29,7 @@ from .distill import DistillationMethod
 class DMD2(DistillationMethod):
     name = "dmd2"
     plotted = (*DistillationMethod.plotted, "dmd2/")
+    networks_in_backward = 2  # the generator and (GAN) the fake score's encoder
 
     def __init__(self, recipe, teacher, dist):
         super().__init__(recipe, teacher, dist)

@@ -30,6 +30,7 @@ def sid_loss(d_t: torch.Tensor, d_f: torch.Tensor, x: torch.Tensor, alpha: float
 class SiD(DistillationMethod):
     name = "sid"
     plotted = (*DistillationMethod.plotted, "sid/")
+    networks_in_backward = 3  # the generator, and the teacher and fake score it differentiates through
 
     def fake_at(self, x_t, sigma, labels):
         """D_fake(x_t) with its gradient with respect to x_t, and the GAN logits (SiDA) or None."""
