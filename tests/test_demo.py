@@ -46,16 +46,9 @@ def test_demo_mixture(tmp_path):
 @pytest.mark.slow
 def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
     out = tmp_path / "demo"
-    res = demo_mixture_seeds(
-        out=out,
-        budget=640,
-        preset="ring8-unequal",
-        steps=2,
-        seeds=[3, 5],
-        console=QUIET,
-        base=tiny_mixture_recipe(),
-        eval_every=320,
-    )
+    kw = dict(budget=640, preset="ring8-unequal", steps=2, seeds=[3, 5], console=QUIET,
+              base=tiny_mixture_recipe(), eval_every=320)  # fmt: skip
+    res = demo_mixture_seeds(out=out, **kw)
     per_seed = {s: json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in (3, 5)}
     assert res["tv_distance"]["emd"] == [per_seed[s]["emd"]["tv_distance"] for s in (3, 5)]
     assert res["tv_distance"]["diff-instruct"] == [per_seed[s]["diff-instruct"]["tv_distance"] for s in (3, 5)]
@@ -86,21 +79,11 @@ def test_demo_mixture_over_seeds_reports_paired_statistics(tmp_path):
         assert half["per_seed"][m] == pytest.approx(expected, abs=1e-12)
     assert half["paired"]["diff-instruct"]["mean_a"] == pytest.approx(sum(half["per_seed"]["diff-instruct"]) / 2)
     # Re-running the same command resumes: the finished runs are not trained again.
-    again = demo_mixture_seeds(
-        out=out,
-        budget=640,
-        preset="ring8-unequal",
-        steps=2,
-        seeds=[3, 5],
-        console=QUIET,
-        base=tiny_mixture_recipe(),
-        eval_every=320,
-    )
+    again = demo_mixture_seeds(out=out, **kw)
     assert again["tv_distance"] == res["tv_distance"]
     # Seeds in parallel worker processes (one thread each) give the same students, bit for bit.
     par = tmp_path / "parallel"
-    jobs = demo_mixture_seeds(out=par, budget=640, preset="ring8-unequal", steps=2, seeds=[3, 5], console=QUIET,
-                              base=tiny_mixture_recipe(), eval_every=320, jobs=2)  # fmt: skip
+    jobs = demo_mixture_seeds(out=par, jobs=2, **kw)
     assert jobs["tv_distance"] == res["tv_distance"]
     assert json.dumps(jobs["trace"]) == json.dumps(res["trace"])  # (as text: it holds NaN t values)
     for s in (3, 5):

@@ -45,19 +45,26 @@ def run_distill(tmp_path, recipe_file, run_dir, nproc):
     return CheckpointManager(run_dir).load()
 
 
+def assert_two_processes_equal_one(tmp_path, recipe: dict, iterations: int) -> dict:
+    """Run RECIPE in one process and in two (gloo): the same weights and optimizer states after
+    `iterations`. Returns the single-process checkpoint's tensors."""
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(recipe))
+    t1, m1 = run_distill(tmp_path, f, tmp_path / "one", 1)
+    t2, m2 = run_distill(tmp_path, f, tmp_path / "two", 2)
+    assert m1["iteration"] == m2["iteration"] == iterations and m2["world_size"] == 2
+    for key in t1:
+        if key.startswith(("net.", "optim.")):
+            assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
+    return t1
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path):
     recipe = tiny_mixture_recipe(
         **{"batch.size": 32, "duration": 320, "checkpoint.every": 10_000, "method.langevin.gamma_z": 0.02}
     )
-    f = tmp_path / "r.yaml"
-    f.write_text(yaml.safe_dump(recipe))
-    t1, m1 = run_distill(tmp_path, f, tmp_path / "one", 1)
-    t2, m2 = run_distill(tmp_path, f, tmp_path / "two", 2)
-    assert m1["iteration"] == m2["iteration"] == 10 and m2["world_size"] == 2
-    for key in t1:
-        if key.startswith(("net.", "optim.")):
-            assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
+    assert_two_processes_equal_one(tmp_path, recipe, iterations=10)
 
 
 @pytest.mark.slow
@@ -73,15 +80,8 @@ def test_gdd_two_gloo_processes_equal_one(tmp_path):
             "checkpoint.every": 10_000,
         }  # fmt: skip
     )
-    f = tmp_path / "r.yaml"
-    f.write_text(yaml.safe_dump(recipe))
-    t1, m1 = run_distill(tmp_path, f, tmp_path / "one", 1)
-    t2, m2 = run_distill(tmp_path, f, tmp_path / "two", 2)
-    assert m1["iteration"] == m2["iteration"] == 10 and m2["world_size"] == 2
+    t1 = assert_two_processes_equal_one(tmp_path, recipe, iterations=10)
     assert any(k.startswith("net.discriminator.") for k in t1)
-    for key in t1:
-        if key.startswith(("net.", "optim.")):
-            assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
 
 
 @pytest.mark.slow
@@ -99,14 +99,7 @@ def test_sid_sida_dmd2_two_gloo_processes_equal_one(tmp_path, name):
             "checkpoint.every": 10_000,
         }  # fmt: skip
     )
-    f = tmp_path / "r.yaml"
-    f.write_text(yaml.safe_dump(recipe))
-    t1, m1 = run_distill(tmp_path, f, tmp_path / "one", 1)
-    t2, m2 = run_distill(tmp_path, f, tmp_path / "two", 2)
-    assert m1["iteration"] == m2["iteration"] == 5 and m2["world_size"] == 2
-    for key in t1:
-        if key.startswith(("net.", "optim.")):
-            assert torch.allclose(t1[key].float(), t2[key].float(), atol=2e-5, rtol=1e-4), key
+    assert_two_processes_equal_one(tmp_path, recipe, iterations=5)
 
 
 GRADIENT_SCRIPT = textwrap.dedent(

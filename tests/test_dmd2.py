@@ -21,7 +21,16 @@ from emdctl.rng import IterationDraws
 from emdctl.teachers import load_pretrained_denoiser, load_teacher
 
 from .conftest import fresh, tiny_mixture_recipe
-from .test_sid import assert_close, build, capture_bottleneck, exact_denoisers, method_grad, random_seed, reference_grad
+from .test_sid import (
+    assert_close,
+    build,
+    capture_bottleneck,
+    critic_step,
+    exact_denoisers,
+    method_grad,
+    random_seed,
+    reference_grad,
+)
 
 
 def test_dmd2_gradient_is_distribution_matching_plus_the_gan_term_float64():
@@ -51,14 +60,7 @@ def test_dmd2_gradient_is_distribution_matching_plus_the_gan_term_float64():
 
 
 def test_dmd2_critic_loss_is_dsm_plus_the_weighted_classification_loss():
-    g = fresh()
-    m = build("dmd2", seed=random_seed(g), **{"method.gan_disc_weight": 0.2})
-    it = int(torch.randint(0, 1000, (1,), generator=g))
-    draws = IterationDraws(m.recipe.seed, it, m.device)
-    m.begin_iteration(draws, it)
-    rows = m.batching.micro_rows()[0]
-    got, _ = m.critic_loss(draws, 0, rows)
-    seen = capture_bottleneck(m.fake)
+    m, draws, rows, got, _, seen = critic_step("dmd2", **{"method.gan_disc_weight": 0.2})
     shape = m.global_shape()
     sigma = m.draw_sigma(draws, "fake0/sigma", m.recipe.fake_score.noise_levels, rows)
     x0 = m.generator(draws.normal("fake0/z", shape, rows), None)

@@ -168,15 +168,21 @@ def test_sida_gradient_is_sid_plus_the_papers_adversarial_term_float64():
     assert_close(method_grad(m, it), reference_grad(m, it, loss))
 
 
-def test_sida_critic_loss_is_dsm_plus_the_weighted_discriminator_loss():
+def critic_step(name: str, **overrides):
+    """(method, draws, rows, its critic loss and stats, the bottleneck seen by the test's own hook)
+    of the first micro-batch, at a random seed and iteration."""
     g = fresh()
-    m = build("sida", seed=random_seed(g), **{"method.gan_disc_weight": 0.7})
+    m = build(name, seed=random_seed(g), **overrides)
     it = int(torch.randint(0, 1000, (1,), generator=g))
     draws = IterationDraws(m.recipe.seed, it, m.device)
     m.begin_iteration(draws, it)
     rows = m.batching.micro_rows()[0]
     got, stats = m.critic_loss(draws, 0, rows)
-    seen = capture_bottleneck(m.fake)
+    return m, draws, rows, got, stats, capture_bottleneck(m.fake)
+
+
+def test_sida_critic_loss_is_dsm_plus_the_weighted_discriminator_loss():
+    m, draws, rows, got, stats, seen = critic_step("sida", **{"method.gan_disc_weight": 0.7})
     x_real, _ = m.reals[rows.start]
     sigma = m.draw_sigma(draws, "fake0/sigma", m.recipe.fake_score.noise_levels, rows)
     noise = draws.normal("fake0/noise", m.global_shape(), rows)

@@ -326,32 +326,13 @@ def test_evaluate_uses_the_reference_the_recipe_names(tmp_path, feature_file):
     recipe = {"evaluation": {"reference": str(feature_file / "gray.npz"), "features": feats}}
     (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     lines = []
-    res = evaluate_command(
-        metrics=["fid"],
-        source=gen,
-        ref=None,
-        features=None,
-        n=20,
-        seed_ranges=None,
-        batch=10,
-        device="cpu",
-        log=lines.append,
-    )
+    kw = dict(metrics=["fid"], source=gen, ref=None, n=20, seed_ranges=None, batch=10, device="cpu", log=lines.append)
+    res = evaluate_command(features=None, **kw)
     assert res["reference"] == str(feature_file / "gray.npz") and res["features_ident"].startswith("classifier-")
     assert any("evaluation.reference" in m for m in lines)
     (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump({}))
     with pytest.raises(UserError, match="a reference is required .* evaluation.reference"):
-        evaluate_command(
-            metrics=["fid"],
-            source=gen,
-            ref=None,
-            features=feats,
-            n=20,
-            seed_ranges=None,
-            batch=10,
-            device="cpu",
-            log=lines.append,
-        )
+        evaluate_command(features=feats, **kw)
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

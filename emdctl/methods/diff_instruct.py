@@ -18,7 +18,7 @@ class DiffInstruct(DistillationMethod):
     def generator_direction(self, draws, rows: slice):
         sigma, labels, z, eps = self.generator_inputs(draws, rows)
         x0 = self.training.generator(z, labels)
-        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+        s = self.per_sample(sigma)
         x = x0.detach() + s * eps
         with torch.no_grad():
             d_t = self.inference.teacher(x, sigma, labels)

@@ -34,6 +34,15 @@ from ..teachers import Teacher
 from .base import Method, decay_factor, make_adam, no_sync, stats_of, wrap_ddp
 
 
+def gan_stats(prefix: str, loss_name: str, loss, real_logits, fake_logits) -> dict[str, torch.Tensor]:
+    """What metrics.jsonl records of a discriminator step: its loss and the mean logits."""
+    return {
+        f"{prefix}/{loss_name}": loss.mean().detach(),
+        f"{prefix}/logit_real": real_logits.mean().detach(),
+        f"{prefix}/logit_fake": fake_logits.mean().detach(),
+    }
+
+
 def one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor | None:
     return torch.nn.functional.one_hot(indices, label_dim).float() if label_dim else None
 
@@ -92,6 +101,7 @@ class DistillationMethod(Method):
         self.opt_gen = make_adam(trainable, o.lr_gen, o.betas_gen, o.eps, o.weight_decay, self.device, adamw)
         critic_trainable = [p for p in self.fake.parameters() if p.requires_grad]  # GDD: frozen feature nets
         self.opt_fake = make_adam(critic_trainable, o.lr_fake, o.betas_fake, o.eps, o.weight_decay, self.device, adamw)
+        self.reals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # hold_real_batches
         self.pin_level = recipe.method.levels_pinned()  # recipe.schema.PinnableSpec says why
         # Compiled on CUDA when the recipe asks (precision.compile); CPU paths stay plain PyTorch.
         self.compiled = recipe.precision.compile and self.device.type == "cuda"
@@ -249,6 +259,10 @@ class DistillationMethod(Method):
     def global_shape(self) -> tuple[int, ...]:
         return (self.batching.global_size, *self.img_shape)
 
+    def per_sample(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-sample value [N] shaped to broadcast over each sample's pixels."""
+        return v.reshape(-1, *([1] * len(self.img_shape)))
+
     def draw_inputs(self, draws: IterationDraws, prefix: str, levels, rows: slice, noise: str = "noise"):
         """(sigma, labels, z, noise) of one micro-batch, from the streams PREFIX/sigma, /labels, /z
         and /NOISE (each stream is its own generator, so the order of the draws does not matter)."""
@@ -265,8 +279,7 @@ class DistillationMethod(Method):
         sigma, labels, z, noise = self.draw_inputs(draws, f"fake{j}", self.recipe.fake_score.noise_levels, rows)
         with torch.no_grad():
             x0 = self.inference.generator(z, labels)
-        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
-        return x0 + s * noise, sigma, labels, x0, (x0,)
+        return x0 + self.per_sample(sigma) * noise, sigma, labels, x0, (x0,)
 
     def critic_loss(self, draws: IterationDraws, j: int, rows: slice) -> tuple[torch.Tensor, dict]:
         """Per-sample loss of the second network at step j on one micro-batch, and stats to report
@@ -276,6 +289,20 @@ class DistillationMethod(Method):
         err = sum((d - t).square() for t in targets)
         self.last_diagnostics = {"stage": "fake", "sigma": stats_of(sigma), "x0": stats_of(x0), "d_fake": stats_of(d)}
         return self.fake.dsm_weight(sigma) * err.flatten(1).sum(1), {}
+
+    def fake_and_logits(self, inputs, sigmas, labels, x0, sigma, x_real) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fake-score step of the methods whose discriminator reads the fake score (SiDA, DMD2):
+        one forward over the rows of `inputs` (the generated x0 noised to sigma first, then the rows
+        the logits are for), returning the per-sample DSM loss of the first rows and every row's logits."""
+        d, logits = self.training.fake(torch.cat(inputs), torch.cat(sigmas), labels, features=True)
+        self.last_diagnostics = {
+            "stage": "fake",
+            "sigma": stats_of(sigma),
+            "x0": stats_of(x0),
+            "x_real": stats_of(x_real),
+        }
+        dsm = self.fake.dsm_weight(sigma) * (d[: len(x0)] - x0).square().flatten(1).sum(1)
+        return dsm, logits
 
     def fake_update(self, draws: IterationDraws, j: int) -> dict[str, torch.Tensor]:
         rows_list = self.batching.micro_rows()

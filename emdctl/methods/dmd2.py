@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from ..networks.critic import FakeScoreCritic
 from ..rng import derive_seed
-from .base import stats_of
-from .distill import DistillationMethod
+from .distill import DistillationMethod, gan_stats
 
 
 class DMD2(DistillationMethod):
@@ -54,7 +53,7 @@ class DMD2(DistillationMethod):
         sigma, labels, z, eps = self.generator_inputs(draws, rows)
         x0 = self.training.generator(z, labels)
         x = x0.detach()
-        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+        s = self.per_sample(sigma)
         with torch.no_grad():
             d_t = self.inference.teacher(x + s * eps, sigma, labels)
             d_f = self.inference.fake(x + s * eps, sigma, labels)
@@ -65,7 +64,7 @@ class DMD2(DistillationMethod):
             x = x.requires_grad_(True)
             s_gan = self.draw_sigma(draws, "gen/gan_sigma", m.gan_levels, rows)
             noise = draws.normal("gen/gan_noise", self.global_shape(), rows)
-            _, logits = self.fake(x + s_gan.reshape(s.shape) * noise, s_gan, labels, features=True)
+            _, logits = self.fake(x + self.per_sample(s_gan) * noise, s_gan, labels, features=True)
             gan = m.gan_gen_weight * math.prod(self.img_shape) * F.softplus(-logits).mean(1)
             (grad,) = torch.autograd.grad(gan.sum(), x)
             d = d - grad
@@ -86,25 +85,13 @@ class DMD2(DistillationMethod):
         n_fake = draws.normal(f"fake{j}/gan_noise_fake", shape, rows)
         n_real = draws.normal(f"fake{j}/gan_noise_real", shape, rows)
 
-        def b(v):
-            return v.reshape(-1, *([1] * len(self.img_shape)))
-
-        inputs = torch.cat([x0 + b(sigma) * noise, x0 + b(s_fake) * n_fake, x_real + b(s_real) * n_real])
+        b = self.per_sample
+        inputs = [x0 + b(sigma) * noise, x0 + b(s_fake) * n_fake, x_real + b(s_real) * n_real]
         all_labels = None if labels is None else torch.cat([labels, labels, real_labels])
-        d, logits = self.training.fake(inputs, torch.cat([sigma, s_fake, s_real]), all_labels, features=True)
+        dsm, logits = self.fake_and_logits(inputs, [sigma, s_fake, s_real], all_labels, x0, sigma, x_real)
         n = len(x0)
-        dsm = self.fake.dsm_weight(sigma) * (d[:n] - x0).square().flatten(1).sum(1)
         fake_l, real_l = logits[n : 2 * n], logits[2 * n :]
         cls = F.softplus(fake_l).mean(1) + F.softplus(-real_l).mean(1)
-        self.last_diagnostics = {
-            "stage": "fake",
-            "sigma": stats_of(sigma),
-            "x0": stats_of(x0),
-            "x_real": stats_of(x_real),
-        }
-        stats = {
-            "dmd2/loss_cls": cls.mean().detach(),
-            "dmd2/logit_real": real_l.mean().detach(),
-            "dmd2/logit_fake": fake_l.mean().detach(),
-        }
-        return dsm + m.gan_disc_weight * math.prod(self.img_shape) * cls, stats
+        return dsm + m.gan_disc_weight * math.prod(self.img_shape) * cls, gan_stats(
+            "dmd2", "loss_cls", cls, real_l, fake_l
+        )

@@ -83,7 +83,7 @@ class EMD(DistillationMethod):
             fused_update=fused,
         )
         x0 = self.training.generator(res.z, labels)
-        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+        s = self.per_sample(sigma)
         d = res.eps_m / s
         w = self.weight(sigma, x0.detach(), res.d_teacher)
         return x0, d, w, res.stats

@@ -73,7 +73,6 @@ class GDD(DistillationMethod):
         # not trace; the heads are small next to the generator.
         self.training.fake = self.fake
         self.open_real_data(recipe.method.data)
-        self._real_labels: dict[int, torch.Tensor | None] = {}
 
     # -- networks ------------------------------------------------------------------------------------
     def build_critic(self, teacher) -> nn.Module:
@@ -99,9 +98,9 @@ class GDD(DistillationMethod):
     def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
         self.set_learning_rates(iteration)
         draws = self.draws(iteration)
-        reals = self.real_batches(draws, iteration)
         # The generator draws its class labels from the real batch's, so classes appear at data frequency.
-        self._real_labels = {rows.start: y for rows, (_, y) in zip(self.batching.micro_rows(), reals, strict=True)}
+        self.hold_real_batches(draws, iteration)
+        reals = list(self.reals.values())
         m = self.recipe.method
         r1 = m.r1_gamma > 0 and iteration % m.r1_every == 0
         stats: dict[str, torch.Tensor] = {}
@@ -163,7 +162,7 @@ class GDD(DistillationMethod):
         return out
 
     def generator_direction(self, draws, rows: slice):
-        labels = self._real_labels.get(rows.start)
+        labels = self.reals[rows.start][1] if rows.start in self.reals else None
         x0 = self.training.generator(draws.normal("gen/z", self.global_shape(), rows), labels)
         x = x0.detach().requires_grad_(True)
         per_sample = generator_loss(

@@ -35,7 +35,6 @@ class MomentMatching(DistillationMethod):
         self.data_inputs = m.z_t == "data"
         if self.data_inputs:
             self.open_real_data(m.data)
-        self._reals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def configure_generator(self, generator) -> None:
         m = self.recipe.method
@@ -44,8 +43,7 @@ class MomentMatching(DistillationMethod):
 
     def begin_iteration(self, draws: IterationDraws, iteration: int) -> None:
         if self.data_inputs:  # one real batch per iteration, shared by the auxiliary and generator steps
-            reals = self.real_batches(draws, iteration)
-            self._reals = {rows.start: xy for rows, xy in zip(self.batching.micro_rows(), reals, strict=True)}
+            self.hold_real_batches(draws, iteration)
 
     def _step_inputs(self, draws: IterationDraws, prefix: str, s, z, labels, rows: slice):
         """(t, z_t, labels) of the student step above each s: t the smallest level >= s, z_t its input."""
@@ -56,10 +54,10 @@ class MomentMatching(DistillationMethod):
         shape = self.global_shape()
         with torch.no_grad():
             if self.data_inputs:
-                x, labels = self._reals[rows.start]
-                b = t.reshape(-1, *([1] * len(self.img_shape)))
+                x, labels = self.reals[rows.start]
+                b = self.per_sample(t)
                 diffused = x + b * draws.normal(f"{prefix}/data-noise", shape, rows)
-                top = (step == 0).reshape_as(t).reshape(-1, *([1] * len(self.img_shape)))
+                top = self.per_sample(step == 0)
                 return t, torch.where(top, gen.sigma_star * z, diffused), labels
             deepest = int(step.max())
             noises = [draws.normal(f"{prefix}/chain{i}", shape, rows) for i in range(1, deepest + 1)]
@@ -100,7 +98,7 @@ class MomentMatching(DistillationMethod):
         with torch.no_grad():
             d_t = self.inference.teacher(z_s, sigma, labels)
             d_aux = self.inference.fake(z_s, sigma, labels)
-        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+        s = self.per_sample(sigma)
         delta = (d_t - d_aux) / s.square()
         w = self.weight(sigma, x0.detach(), d_t)
         return x0, delta, w, {"mm/moment_gap_rms": (d_t - d_aux).square().mean().sqrt()}

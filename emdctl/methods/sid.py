@@ -44,7 +44,7 @@ class SiD(DistillationMethod):
         sigma, labels, z, eps = self.generator_inputs(draws, rows)
         x0 = self.training.generator(z, labels)
         x = x0.detach().requires_grad_(True)
-        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+        s = self.per_sample(sigma)
         x_t = x + s * eps
         d_t = self.inference.teacher(x_t, sigma, labels)
         d_f, logits = self.fake_at(x_t, sigma, labels)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..networks.critic import FakeScoreCritic
-from .base import stats_of
+from .distill import gan_stats
 from .sid import SiD
 
 
@@ -54,24 +54,12 @@ class SiDA(SiD):
         noise = draws.normal(f"fake{j}/noise", shape, rows)
         with torch.no_grad():
             x0 = self.inference.generator(draws.normal(f"fake{j}/z", shape, rows), labels)
-        s = sigma.reshape(-1, *([1] * len(self.img_shape)))
+        s = self.per_sample(sigma)
         both_labels = None if labels is None else torch.cat([labels, labels])
-        d, logits = self.training.fake(
-            torch.cat([x0 + s * noise, x_real + s * noise]), torch.cat([sigma, sigma]), both_labels, features=True
+        dsm, logits = self.fake_and_logits(
+            [x0 + s * noise, x_real + s * noise], [sigma, sigma], both_labels, x0, sigma, x_real
         )
         n = len(x0)
-        lam = self.fake.dsm_weight(sigma)
-        dsm = lam * (d[:n] - x0).square().flatten(1).sum(1)
         bce = (F.softplus(logits[:n]).mean(1) + F.softplus(-logits[n:]).mean(1)) / 2
-        self.last_diagnostics = {
-            "stage": "fake",
-            "sigma": stats_of(sigma),
-            "x0": stats_of(x0),
-            "x_real": stats_of(x_real),
-        }
-        stats = {
-            "sida/loss_disc": bce.mean().detach(),
-            "sida/logit_real": logits[n:].mean().detach(),
-            "sida/logit_fake": logits[:n].mean().detach(),
-        }
-        return dsm + self.recipe.method.gan_disc_weight * lam * bce, stats
+        stats = gan_stats("sida", "loss_disc", bce, logits[n:], logits[:n])
+        return dsm + self.recipe.method.gan_disc_weight * self.fake.dsm_weight(sigma) * bce, stats
