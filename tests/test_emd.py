@@ -268,9 +268,10 @@ def test_pinned_level_is_refused_for_a_mixture():
 @pytest.mark.slow
 def test_pinned_level_stops_the_mnist_students_drift(shared_data):
     """On the MNIST DDPM (level-blind, its denoiser biased to dark: tests/test_teachers.py) a
-    Diff-Instruct student at lr_gen 1e-4 drifts darker every iteration (about -1.5 in [-1, 1] units
-    over 24 iterations of 64 when measured); with method.pin_level its level stays put. Fresh
-    training seed; the level is the mean output on 32 fixed latents, against the initial generator."""
+    Diff-Instruct student at lr_gen 1e-4 drifts darker every iteration; with method.pin_level its
+    level stays put. Fresh training seed; the level is the mean output on 32 fresh latents, against
+    the initial generator. Measured over 28 seeds (20 iterations of 64): unpinned -0.34 to -1.73
+    (mean -1.3), pinned +0.02 to +0.10; the bounds below sit outside both ranges."""
     from emdctl.recipe import read_yaml
 
     base = read_yaml(REPO / "recipes" / "mnist.yaml")
@@ -288,8 +289,8 @@ def test_pinned_level_stops_the_mnist_students_drift(shared_data):
         for it in range(20):
             m.train_step(it)
         drift[pin] = float(m.generator(z, None).detach().mean()) - start
-    assert drift[False] < -0.4, drift
-    assert abs(drift[True]) < 0.2 * abs(drift[False]), drift
+    assert drift[False] < -0.2, drift
+    assert abs(drift[True]) < min(0.15, 0.5 * abs(drift[False])), drift
 
 
 def test_runs_advise_when_pin_level_does_not_suit_the_teacher(shared_data, image_setup):

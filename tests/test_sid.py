@@ -194,7 +194,7 @@ def test_sida_critic_loss_is_dsm_plus_the_weighted_discriminator_loss():
     l_real = seen["h"].mean(1)
     want = lam * (d_fake - x0).square().sum(1) + 0.7 * lam * (F.softplus(-l_real) + F.softplus(l_fake)) / 2
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert float(stats["sida/logit_real"].detach()) == pytest.approx(float(l_real.mean()), rel=1e-4, abs=1e-6)
+    assert float(stats["sida/logit_real"].detach()) == pytest.approx(float(l_real.mean().detach()), rel=1e-4, abs=1e-6)
 
 
 def test_recipe_rules():
