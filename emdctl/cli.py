@@ -126,6 +126,7 @@ class ExportFormat(StrEnum):
     safetensors = "safetensors"
     onnx = "onnx"
     torchscript = "torchscript"
+    diffusers = "diffusers"
 
 
 class BenchNet(StrEnum):
@@ -341,6 +342,11 @@ def sample(
     force: Annotated[
         bool, typer.Option(help="An --out folder holding other samples is moved aside (otherwise refused).")
     ] = False,
+    prompt: Annotated[str | None, typer.Option(help="Text-conditioned generators: the prompt of every image.")] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Text-conditioned generators: a prompt file (lines or JSONL); seed s takes prompt s mod N."),
+    ] = None,
 ):
     """Generate images, each a pure function of its seed; re-running resumes finished shards.
 
@@ -372,6 +378,8 @@ def sample(
         threads=n_threads,
         log=lambda m: err.print(m, markup=False, highlight=False),
         force=force,
+        prompt=prompt,
+        prompts_file=prompts,
     )
     rate = summary.get("images_per_s")
     out.print(
@@ -394,11 +402,16 @@ def export(
         Path | None, typer.Option("--out", help="Output directory (default: SOURCE/export-FORMAT).")
     ] = None,
     ema: Annotated[bool, typer.Option(help="Export the EMA weights (default) or the raw generator.")] = True,
+    lora: Annotated[
+        bool, typer.Option(help="--format diffusers: also write the LoRA adapters alone (pytorch_lora_weights).")
+    ] = False,
 ):
-    """Export the generator: weights + JSON config (safetensors), or a portable ONNX/TorchScript module."""
+    """Export the generator: weights + JSON config (safetensors), a portable ONNX/TorchScript module,
+    or (students of diffusers teachers) a diffusers pipeline directory."""
     from .commands.export import export_command
 
-    result = export_command(source=source, fmt=fmt, out=out_dir or Path(source) / f"export-{fmt}", use_ema=ema)
+    result = export_command(source=source, fmt=fmt, out=out_dir or Path(source) / f"export-{fmt}", use_ema=ema,
+                            lora_file=lora)  # fmt: skip
     out.print(f"wrote {result['path']}")
     if result.get("verified"):
         v = result["verified"]

@@ -27,7 +27,7 @@ from .errors import UserError
 from .generator import OneStepGenerator
 from .storage import atomic_path, sha256_file
 
-FORMATS = ("safetensors", "onnx", "torchscript")
+FORMATS = ("safetensors", "onnx", "torchscript", "diffusers")
 
 
 class PortableGenerator(nn.Module):

@@ -69,9 +69,12 @@ class IterationDraws:
 class PerSeedRandom:
     """One CPU generator per seed (EDM's `StackedRandomGenerator` idea): row i is a function of seeds[i]."""
 
-    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu", raw: bool = False):
+        """raw: each seed's generator is torch.Generator().manual_seed(seed) itself, as diffusers
+        pipelines seed theirs (students of diffusers teachers: the same seed gives the same latent)."""
         self.device = torch.device(device)
-        self.generators = [_generator(derive_seed(int(s), "sample"), torch.device("cpu")) for s in seeds]
+        self.generators = [_generator(int(s) if raw else derive_seed(int(s), "sample"), torch.device("cpu"))
+                           for s in seeds]  # fmt: skip
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators]
@@ -81,13 +84,21 @@ class PerSeedRandom:
         rows = [torch.randint(high, (1,), generator=g) for g in self.generators]
         return torch.cat(rows).to(self.device)
 
+    def latents_and_indices(
+        self, shape: tuple[int, ...], count: int, fixed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every sampler's first draws, in this order: the unit-noise latent of each seed, then (for
+        a conditional model) the index of its condition (class or prompt) among `count`; `fixed`
+        fixes the index instead."""
+        z = self.randn(shape)
+        if not count:
+            return z, None
+        idx = self.randint(count) if fixed is None else torch.full((len(self.generators),), fixed)
+        return z, idx.to(self.device)
+
     def latents_and_labels(
         self, shape: tuple[int, ...], label_dim: int, class_label: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every sampler's first draws, in this order: the unit-noise latent of each seed, then (for
-        a class-conditional model) its class, one-hot; `class_label` fixes the class instead."""
-        z = self.randn(shape)
-        if not label_dim:
-            return z, None
-        idx = self.randint(label_dim) if class_label is None else torch.full((len(self.generators),), class_label)
-        return z, torch.nn.functional.one_hot(idx.to(self.device), label_dim).float()
+        """latents_and_indices with the class as a one-hot label."""
+        z, idx = self.latents_and_indices(shape, label_dim, class_label)
+        return z, None if idx is None else torch.nn.functional.one_hot(idx, label_dim).float()

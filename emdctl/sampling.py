@@ -140,10 +140,16 @@ def generator_sampler(
 # Writing
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
+def _write_png(path: Path, arr: np.ndarray, prompt: str | None = None) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
+    text = None
+    if prompt is not None:  # the prompt travels with the image (PNG iTXt chunk "prompt")
+        text = PngInfo()
+        text.add_itxt("prompt", prompt)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=1)
+        img.save(tmp, format="PNG", compress_level=1, pnginfo=text)
 
 
 IDENTITY = "identity.json"
@@ -173,6 +179,12 @@ def _check_identity(out_dir: Path, state_dir: Path, identity: dict, force: bool)
     state_dir.mkdir(parents=True, exist_ok=True)
     if not record.is_file():
         atomic_write_json(record, identity)
+
+
+def _digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
 
 def _block_name(a: int) -> str:
@@ -207,6 +219,8 @@ def run_sampling(
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory; give a folder for the samples")
     is_image = info["data"].get("kind") == "image"
+    prompts = info.get("prompts")
+    prompt_of = (lambda seed: prompts[seed % len(prompts)]) if prompts else None  # noqa: E731
     want_png = fmt in ("png", "both") and is_image
     want_npz = fmt in ("npz", "both") or not is_image
     if keep_float and not (is_image and want_npz):
@@ -220,6 +234,7 @@ def run_sampling(
         "sampler": info.get("sampler"),
         "ema": info.get("ema"),
         "class": info.get("class"),
+        "prompts": _digest(prompts) if prompts else None,
         "format": fmt,
         "keep_float": keep_float,
         "seeds": seeds.digest(),
@@ -239,7 +254,7 @@ def run_sampling(
         with Progress(total, "sampling", "img", enabled=show_progress) as bar, ThreadPoolExecutor(8) as pool:
             bar.start_at(total - sum(b - a for a, b in todo))
             for a, b in todo:
-                xs, xfs, ys = [], [], []
+                xs, xfs, ys, index = [], [], [], []
                 for c in range(a, b, batch):
                     part = seeds[c : min(c + batch, b)]
                     x, labels = in_chunks(fn, part)
@@ -248,8 +263,14 @@ def run_sampling(
                         arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
                         if want_png:
                             files = [out_dir / f"{s // 1000 * 1000:06d}" / f"{s:06d}.png" for s in part]
-                            for f in [pool.submit(_write_png, p, img) for p, img in zip(files, arr, strict=True)]:
+                            texts = [prompt_of(s) for s in part] if prompt_of else [None] * len(part)
+                            rows = zip(files, arr, texts, strict=True)
+                            jobs = [pool.submit(_write_png, p, img, t) for p, img, t in rows]
+                            for f in jobs:
                                 f.result()
+                        if prompt_of:
+                            index.extend({"seed": s, "file": f"{s // 1000 * 1000:06d}/{s:06d}.png",
+                                          "prompt": prompt_of(s)} for s in part)  # fmt: skip
                     else:
                         arr = x.numpy().astype(np.float32)
                     if want_npz:
@@ -267,6 +288,9 @@ def run_sampling(
                         payload["y"] = np.concatenate(ys)
                     with atomic_path(state_dir / f"{_block_name(a)}.npz") as tmp, open(tmp, "wb") as f:
                         np.savez(f, **payload)
+                if prompt_of:
+                    with atomic_path(state_dir / f"{_block_name(a)}.jsonl") as tmp:
+                        tmp.write_text("".join(json.dumps(row) + "\n" for row in index))
                 atomic_write_json(state_dir / f"{_block_name(a)}.done", {"positions": [a, b]})
         elapsed = time.time() - t0
         generated = sum(b - a for a, b in todo)
@@ -278,6 +302,10 @@ def run_sampling(
             if want_npz:
                 summary["npz"] = str(assemble_npz(out_dir, [a for a, _ in all_blocks], keep_float))
             summary["preview"] = _preview(out_dir, seeds, is_image, want_npz)
+            if prompt_of:  # one index of every image's seed, file and prompt, in seed-list order
+                with atomic_path(out_dir / "index.jsonl") as tmp:
+                    tmp.write_text("".join((state_dir / f"{_block_name(a)}.jsonl").read_text() for a, _ in all_blocks))
+                summary["index"] = str(out_dir / "index.jsonl")
             atomic_write_json(out_dir / "sampling.json", {**info, "seeds": [seeds[0], seeds[-1]], "n": n})
     return summary
 

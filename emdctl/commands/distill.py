@@ -44,9 +44,13 @@ def run_recipe(
         try:
             teacher = None
             if recipe.kind == "distill":
-                from ..teachers import load_teacher
+                from ..teachers import recipe_teacher
 
-                teacher = load_teacher(recipe.teacher, seed=recipe.seed, device=dist.device)
+                def warn(text):
+                    if dist.is_main:
+                        console.print(f"[yellow]{text}[/]", highlight=False)
+
+                teacher = recipe_teacher(recipe, dist.device, run.root, warn)
                 if dist.is_main:
                     console.print(f"teacher: {teacher.source}", highlight=False)
                     _advise_on_level(recipe, teacher, console)

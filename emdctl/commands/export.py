@@ -15,13 +15,19 @@ from ..sampling import open_generator
 from ..storage import atomic_path, atomic_write_json, sha256_file
 
 
-def export_command(*, source: Path, fmt: str, out: Path, use_ema: bool = True) -> dict:
+def export_command(*, source: Path, fmt: str, out: Path, use_ema: bool = True, lora_file: bool = False) -> dict:
     if fmt not in FORMATS:
         raise UserError(f"export format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if lora_file and fmt != "diffusers":
+        raise UserError("--lora is for --format diffusers")
     gen, cfg = open_generator(source, use_ema)
     if not isinstance(gen, OneStepGenerator):
         raise UserError(f"{source}: already an ONNX/TorchScript export; export its run or safetensors directory")
     gen = gen.cpu().eval()
+    if fmt == "diffusers":
+        from ..export_diffusers import export_diffusers
+
+        return export_diffusers(gen, cfg, out, lora_file)
     z, labels = _example_inputs(gen, 4)
     with torch.no_grad():
         probe = PortableGenerator(gen, is_image=False)(z, labels)

@@ -62,6 +62,8 @@ def sample_command(
     threads: str | int = "auto",
     log=print,
     force: bool = False,
+    prompt: str | None = None,
+    prompts_file: Path | None = None,
 ) -> dict:
     """What `emdctl sample` does after parsing. No source and no teacher: the newest finished run
     under runs/ (and `log` says which). `force`: an output folder of other samples is moved aside."""
@@ -77,6 +79,14 @@ def sample_command(
                 source = newest_finished_run()
                 log(f"sampling the newest finished run: {source}")
             gen, cfg = open_generator(source, use_ema)
+            text = _prompted(cfg, prompt, prompts_file, source)
+            if text is not None:
+                fn, info = prompted_sampler(gen, cfg, text, steps, dist.device)
+                info = {**info, "generator": str(source), "ema": use_ema}
+                with torch.no_grad(), cpu_threads(threads, False, dist.device):
+                    summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
+                                           show_progress and dist.is_main, dist.barrier, keep_float, force)  # fmt: skip
+                return {**summary, "source": str(source)}
             if class_label is not None and not (0 <= class_label < gen.label_dim):
                 raise UserError(f"class label {class_label}: the generator has {gen.label_dim} classes")
             if keep_float and not isinstance(gen, OneStepGenerator):
@@ -99,3 +109,56 @@ def sample_command(
             summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
                                    show_progress and dist.is_main, dist.barrier, keep_float, force)  # fmt: skip
     return {**summary, "source": str(source) if source is not None else str(teacher_recipe)}
+
+
+def _prompted(cfg: dict, prompt: str | None, prompts_file: Path | None, source) -> list[str] | None:
+    """The prompts to sample a text-conditioned generator with (--prompt, or --prompts FILE), or
+    None for any other generator (which refuses them)."""
+    from ..conditioning import read_prompts
+
+    data = cfg.get("data", {})
+    conditioned = (cfg.get("teacher", {}).get("conditions") or {}).get("kind") == "prompts"
+    if prompt is not None and prompts_file is not None:
+        raise UserError("give --prompt or --prompts, not both")
+    if not conditioned:
+        if prompt is not None or prompts_file is not None:
+            raise UserError(f"{source}: this generator is not text-conditioned; drop --prompt/--prompts")
+        return None
+    if not data.get("pipeline"):
+        raise UserError(f"{source}: the generator's config names no diffusers pipeline to encode prompts with")
+    if prompt is None and prompts_file is None:
+        raise UserError(f'{source}: a text-conditioned generator: give --prompt "..." or --prompts FILE')
+    return [prompt] if prompt is not None else read_prompts(prompts_file, "--prompts")
+
+
+def prompted_sampler(gen, cfg: dict, prompts: list[str], steps: int | None, device) -> tuple[Callable, dict]:
+    """seeds -> (images, None) for a student of a text-conditioned diffusers teacher: seed s takes
+    prompt s mod len(prompts); its latent is drawn as a diffusers pipeline draws it from
+    torch.Generator().manual_seed(s); the generator's latents are decoded by the teacher's VAE."""
+    from ..teachers.diffusers_pipeline import decoder_from_info, encode_prompts
+
+    data = cfg["data"]
+    table, _, _ = encode_prompts(Path(data["pipeline"]), data.get("variant"), prompts, device, warn=print)
+    if table.shape[1] != gen.label_dim:
+        raise UserError(f"{data['pipeline']}: its text encoders give {table.shape[1]} values per prompt, the generator "
+                        f"takes {gen.label_dim}; it was not trained with this pipeline")  # fmt: skip
+    decode = decoder_from_info(data)
+    gen = gen.to(device)
+
+    def fn(seeds):
+        rng = PerSeedRandom(seeds, device, raw=True)
+        z = rng.randn(tuple(gen.img_shape))
+        labels = table[torch.tensor([s % len(prompts) for s in seeds])].to(device)
+        x = gen.sample(z, labels, steps=steps, rng=rng)
+        if not bool(torch.isfinite(x).all()):
+            raise UserError(f"the generator gives non-finite samples (seeds {seeds[0]}-{seeds[-1]}): it diverged")
+        return (decode(x) if decode else x).float(), None
+
+    shape = list(gen.img_shape)
+    if decode is not None:
+        with torch.no_grad():
+            shape = list(fn([0])[0].shape[1:])
+    info = {"img_shape": shape, "label_dim": 0, "data": {"kind": "image", "range": [-1.0, 1.0]},
+            "steps": steps or gen.steps, "levels": gen.sampling_levels(steps), "sampler": gen.sampler,
+            "weights": weights_digest(gen), "prompts": prompts}  # fmt: skip
+    return fn, info

@@ -26,6 +26,7 @@ from ..generator import OneStepGenerator, build_generator
 from ..memory import check_fits
 from ..networks import build_denoiser
 from ..networks.critic import FakeScoreCritic
+from ..networks.diffusers_nets import with_lora_keys
 from ..networks.precond import Denoiser
 from ..precision import apply_policy, compile_for
 from ..rng import IterationDraws, PerSeedRandom
@@ -43,8 +44,9 @@ def gan_stats(prefix: str, loss_name: str, loss, real_logits, fake_logits) -> di
     }
 
 
-def one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor | None:
-    return torch.nn.functional.one_hot(indices, label_dim).float() if label_dim else None
+def with_lora(overrides: dict, lora) -> dict:
+    """arch_overrides plus a LoRA spec (recipe.schema.LoRA), which diffusers networks take as arch_kwargs.lora."""
+    return {**overrides, "lora": lora.model_dump()} if lora is not None else dict(overrides)
 
 
 @dataclass
@@ -80,14 +82,16 @@ class DistillationMethod(Method):
         self.teacher = teacher.denoiser.to(self.device).eval().requires_grad_(False)
         self.img_shape = tuple(teacher.img_shape)
         self.label_dim = teacher.label_dim
+        self.conditions = teacher.conditions
         prec = recipe.precision
         config = {**teacher.student_config}
-        config["arch_kwargs"] = {**config.get("arch_kwargs", {}), **recipe.generator.arch_overrides}
+        gen_overrides = with_lora(recipe.generator.arch_overrides, recipe.generator.lora)
+        config["arch_kwargs"] = {**config.get("arch_kwargs", {}), **gen_overrides}
         # Before anything is allocated: the generator, its EMA and the critic, with the gradients and
         # two Adam moments of generator and critic (9 copies of a student's float32 weights).
         check_fits(config, 9, self.batching.micro, prec.dtype, prec.checkpointing, self.device,
                    "the teacher's network with generator.arch_overrides", self.networks_in_backward)  # fmt: skip
-        gen = build_generator(teacher.student_config, recipe.generator.sigma_star, recipe.generator.arch_overrides)
+        gen = build_generator(teacher.student_config, recipe.generator.sigma_star, gen_overrides)
         for m in (self.teacher, gen):
             apply_policy(m, prec.dtype, prec.channels_last, prec.checkpointing)
         self.configure_generator(gen)
@@ -123,8 +127,9 @@ class DistillationMethod(Method):
         """The second trained network (`self.fake`): here the fake score, a denoiser of the
         teacher's architecture (Moment Matching uses it as its auxiliary denoiser)."""
         cfg = dict(teacher.student_config)
-        if self.recipe.fake_score.arch_overrides:
-            cfg["arch_kwargs"] = {**cfg.get("arch_kwargs", {}), **self.recipe.fake_score.arch_overrides}
+        overrides = with_lora(self.recipe.fake_score.arch_overrides, self.recipe.fake_score.lora)
+        if overrides:
+            cfg["arch_kwargs"] = {**cfg.get("arch_kwargs", {}), **overrides}
         prec = self.recipe.precision
         return apply_policy(build_denoiser(cfg), prec.dtype, prec.channels_last, prec.checkpointing)
 
@@ -157,8 +162,9 @@ class DistillationMethod(Method):
         critic = self.fake.denoiser if isinstance(self.fake, FakeScoreCritic) else self.fake
         if isinstance(critic, Denoiser):
             targets.append(critic)
-        for target in targets:
-            load_state_strict(target, weights, f"teacher weights ({self.teacher_info.source})")
+        for target in targets:  # (a LoRA student takes the teacher's weights as its frozen base)
+            state = with_lora_keys(target.state_dict(), weights)
+            load_state_strict(target, state, f"teacher weights ({self.teacher_info.source})")
         source = self.recipe.generator.init_from
         if source is not None:
             self.start_generator_from(source)
@@ -183,6 +189,8 @@ class DistillationMethod(Method):
             load_state_strict(target, state, what)
 
     def data_info(self) -> dict:
+        if self.teacher_info.data is not None:
+            return dict(self.teacher_info.data)
         if len(self.img_shape) == 3:
             return {"kind": "image", "range": [-1.0, 1.0]}
         return {"kind": "vector"}
@@ -234,7 +242,8 @@ class DistillationMethod(Method):
         """(x, labels) of this rank's micro-batches of real data: drawn from the mixture itself, or
         the dataset's images in the order fixed by (seed, global sample number)."""
         if self.loader is not None:
-            return [(x, one_hot(y, self.label_dim)) for x, y in self.loader.images(iteration, draws)]
+            batches = self.loader.images(iteration, draws)
+            return [(x, self.conditions(y) if self.conditions.count else None) for x, y in batches]
         n, out = self.batching.global_size, []
         for rows in self.batching.micro_rows():
             u = draws.uniform("real/component", (n,), rows)
@@ -252,9 +261,9 @@ class DistillationMethod(Method):
         return self.teacher.round_sigma(sigma).to(torch.float32)
 
     def draw_labels(self, draws: IterationDraws, stream: str, rows: slice) -> torch.Tensor | None:
-        if not self.label_dim:
+        if not self.conditions.count:
             return None
-        return one_hot(draws.integers(stream, self.label_dim, self.batching.global_size, rows), self.label_dim)
+        return self.conditions(draws.integers(stream, self.conditions.count, self.batching.global_size, rows))
 
     def global_shape(self) -> tuple[int, ...]:
         return (self.batching.global_size, *self.img_shape)
@@ -379,7 +388,8 @@ class DistillationMethod(Method):
     def sample_seeds(self, seeds: list[int], use_ema: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         gen = self.generator_ema if use_ema else self.generator
         rng = PerSeedRandom(seeds, self.device)
-        z, labels = rng.latents_and_labels(self.img_shape, self.label_dim)
+        z, idx = rng.latents_and_indices(self.img_shape, self.conditions.count)
+        labels = None if idx is None else self.conditions(idx)
         return gen.sample(z, labels, rng=rng), labels
 
     def nonfinite_state(self) -> str | None:
@@ -400,7 +410,7 @@ class DistillationMethod(Method):
         n = self.recipe.logging.grid_size
         if len(self.img_shape) == 3:
             x, _ = self.sample_seeds(list(range(n)))
-            plots.save_image_grid(x, path)
+            plots.save_image_grid(self.teacher_info.decode(x) if self.teacher_info.decode else x, path)
         else:
             x, _ = self.sample_seeds(list(range(max(n, 2000))))
             mix = self.teacher_info.mixture

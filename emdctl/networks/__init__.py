@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from . import diffusers_nets
 from .dhariwal import DhariwalUNet
 from .mlp import MLP
 from .precond import PRECONDS, Denoiser
@@ -58,8 +59,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
 def build_network(
     arch: str, img_shape, label_dim: int, arch_kwargs: dict, out_channels: int | None = None
 ) -> nn.Module:
+    if arch in diffusers_nets.ARCHS:  # the model's own config; conditioning width from arch_kwargs.cond
+        return diffusers_nets.ARCHS[arch](**copy.deepcopy(arch_kwargs))
     if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+        raise ValueError(f"unknown architecture {arch!r} (known: {', '.join([*ARCHS, *diffusers_nets.ARCHS])})")
     kw = copy.deepcopy(arch_kwargs)
     if arch in ("songunet", "dhariwalunet"):
         c, h, w = img_shape
@@ -80,8 +83,9 @@ def build_denoiser(config: dict) -> Denoiser:
     """Construct a denoiser (fresh weights) from its plain-data config."""
     config = copy.deepcopy(config)
     precond = config["precond"]
-    if precond not in PRECONDS:
-        raise ValueError(f"unknown preconditioning {precond!r} (known: {', '.join(PRECONDS)})")
+    preconds = {**PRECONDS, **diffusers_nets.PRECONDS}
+    if precond not in preconds:
+        raise ValueError(f"unknown preconditioning {precond!r} (known: {', '.join(preconds)})")
     img_shape = tuple(config["img_shape"])
     label_dim = int(config.get("label_dim", 0))
     pk = dict(config.get("precond_kwargs", {}))
@@ -89,7 +93,7 @@ def build_denoiser(config: dict) -> Denoiser:
         pk.pop("sigma_max")
     out_channels = img_shape[0] * 2 if precond == "iddpm" else None
     net = build_network(config["arch"], img_shape, label_dim, config.get("arch_kwargs", {}), out_channels)
-    den = PRECONDS[precond](net, img_shape, label_dim, **pk)
+    den = preconds[precond](net, img_shape, label_dim, **pk)
     den.arch = {"arch": config["arch"], "arch_kwargs": config.get("arch_kwargs", {})}
     return den
 

@@ -191,14 +191,59 @@ class PretrainedTeacherSpec(ImageTeacherSpec):
     resolution: PositiveInt | None = None
 
 
+class Guidance(Strict):
+    """Classifier-free guidance in the teacher: D_w = D_u + scale (D_c - D_u), the unconditional
+    branch from the pipeline's empty prompt; `interval` [sigma_lo, sigma_hi] (EDM sigma) limits it
+    to those noise levels (outside it, the conditional D_c). scale 1 = no guidance."""
+
+    scale: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] = 1.0
+    interval: tuple[PositiveFloat, PositiveFloat] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.interval is not None and self.interval[0] >= self.interval[1]:
+            raise ValueError("interval must be [sigma_lo, sigma_hi] with sigma_lo < sigma_hi")
+        return self
+
+
+class DiffusersTeacherSpec(TeacherSpecBase):
+    """A diffusers pipeline (SD 1.x/2.x, SDXL UNets; SD3-class flow transformers): a local pipeline
+    directory (`path`) or a Hugging Face model id (downloaded once into the cache; safetensors only).
+    resolution: the image size in pixels (default: the network's sample size times the VAE's factor)."""
+
+    kind: Literal["diffusers"]
+    path: Path | None = None
+    model_id: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    subfolder: str | None = None
+    resolution: PositiveInt | None = None
+    guidance: Guidance = Guidance()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.model_id is None):
+            raise ValueError("give exactly one of 'path' (a local pipeline directory) or 'model_id'")
+        return self
+
+
 TeacherSpec = Annotated[
-    Union[MixtureTeacherSpec, DDPMPulferTeacherSpec, EDMPickleTeacherSpec, PretrainedTeacherSpec],  # noqa: UP007
+    Union[MixtureTeacherSpec, DDPMPulferTeacherSpec, EDMPickleTeacherSpec, PretrainedTeacherSpec, DiffusersTeacherSpec],  # noqa: UP007
     Field(discriminator="kind"),
 ]
 
 
 # --------------------------------------------------------------------------------------------
 # Generator, methods, fake score
+
+
+class LoRA(Strict):
+    """LoRA adapters (peft) on a frozen copy of the teacher's diffusers network: rank r, scale
+    alpha / r, on the linear layers named in `targets` (default: every attention projection)."""
+
+    rank: Annotated[int, Field(gt=0, le=1024)] = 64
+    alpha: PositiveFloat = 64.0
+    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
 
 
 class GeneratorSpec(Strict):
@@ -211,6 +256,7 @@ class GeneratorSpec(Strict):
     lambda_init: float | None = None
     arch_overrides: dict[str, Any] = Field(default_factory=dict)
     init_from: Path | None = None
+    lora: LoRA | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -560,6 +606,7 @@ class FakeScore(Strict):
     noise_levels: NoiseLevels | None = None
     steps_per_iteration: Annotated[int, Field(gt=0, le=1000)] = 1
     arch_overrides: dict[str, Any] = Field(default_factory=dict)
+    lora: LoRA | None = None
 
 
 class LRDecay(Strict):
@@ -668,9 +715,17 @@ class EvaluationSpec(Strict):
     features: str | None = Field(default=None, pattern=r"^(inception|classifier:.+)$")
 
 
+class PromptData(Strict):
+    """The prompts of a text-conditioned teacher: a text file, one prompt per line, or JSONL with a
+    `prompt` field. Encoded once by the pipeline's text encoders, cached beside the run."""
+
+    prompts: Path
+
+
 class DistillRecipe(_RunCommon):
     kind: Literal["distill"] = "distill"
     teacher: TeacherSpec
+    data: PromptData | None = None
     generator: GeneratorSpec = GeneratorSpec()
     method: MethodSpec
     fake_score: FakeScore = FakeScore()
@@ -698,6 +753,16 @@ class DistillRecipe(_RunCommon):
                 f"optim.decay.start ({d.start:,} images) must come before the end of the duration "
                 f"({self.duration:,} images); lower it or lengthen duration"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _prompts_and_lora_need_a_diffusers_teacher(self):
+        diffusers = self.teacher.kind == "diffusers"
+        if self.data is not None and not diffusers:
+            raise ValueError("data.prompts: prompt sets are for diffusers teachers (teacher.kind: diffusers)")
+        for name, lora in (("generator", self.generator.lora), ("fake_score", self.fake_score.lora)):
+            if lora is not None and not diffusers:
+                raise ValueError(f"{name}.lora: LoRA students are for diffusers teachers (teacher.kind: diffusers)")
         return self
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import diffusion
+from ..conditioning import ClassConditions, Conditions
 from ..errors import UserError
 from ..networks import build_denoiser, check_config_fits_weights
 from ..networks.precond import Denoiser, DiscreteVPPrecond
@@ -34,6 +35,17 @@ class Teacher:
     init_weights: Callable[[], dict[str, torch.Tensor]]
     mixture: GaussianMixture | None = None
     extra: dict = field(default_factory=dict)
+    # What the conditioning vectors are drawn from (class labels, a prompt set); None: the
+    # denoiser's label_dim classes, or unconditional.
+    conditions: Conditions | None = None
+    # Latents -> images in [-1, 1] (a latent diffusers teacher's VAE); None for pixel teachers.
+    decode: Callable | None = None
+    # What a generator's samples are (its config's `data`); None: images in [-1, 1] or vectors.
+    data: dict | None = None
+
+    def __post_init__(self):
+        if self.conditions is None:
+            self.conditions = ClassConditions(self.label_dim) if self.label_dim else Conditions()
 
     @property
     def img_shape(self) -> tuple[int, ...]:
@@ -41,6 +53,7 @@ class Teacher:
 
     @property
     def label_dim(self) -> int:
+        """The width of the conditioning vector (one-hot classes, or a flat prompt embedding)."""
         return self.denoiser.label_dim
 
     @property
@@ -54,7 +67,10 @@ class Teacher:
             "img_shape": list(self.img_shape),
             "label_dim": self.label_dim,
             "discrete": self.denoiser.is_discrete,
+            "conditions": self.conditions.describe(),
         }
+        if self.extra.get("guidance"):
+            out["guidance"] = self.extra["guidance"]
         if self.mixture is not None:
             out["mixture"] = self.mixture.to_dict()
         return out
@@ -73,7 +89,8 @@ class Teacher:
         clean = torch.rand(6, *self.img_shape, generator=g) * 2 - 1
         x = clean.to(device) + sigma.reshape(-1, 1, 1, 1) * torch.randn(clean.shape, generator=g).to(device)
         c = torch.tensor([0.5, -0.7], device=device).repeat(3).reshape(-1, 1, 1, 1)
-        labels = torch.eye(self.label_dim, device=device)[torch.arange(6) % self.label_dim] if self.label_dim else None
+        labels = self.conditions(torch.arange(6) % self.conditions.count) if self.conditions.count else None
+        labels = labels.to(device) if labels is not None else None
         moved = den(x + c, sigma, labels) - c - den(x, sigma, labels)
         return bool(moved.abs().max() < tol)
 
@@ -202,9 +219,15 @@ def _mlp_student_config(mixture: GaussianMixture, net) -> dict:
     }
 
 
-def load_teacher(spec, seed: int = 0, device: str | torch.device = "cpu") -> Teacher:
-    """Build the teacher a recipe's `teacher:` section describes (frozen, on `device`)."""
+def load_teacher(
+    spec, seed: int = 0, device: str | torch.device = "cpu", prompts: Path | None = None,
+    prompt_cache: Path | None = None, warn=print,
+) -> Teacher:  # fmt: skip
+    """Build the teacher a recipe's `teacher:` section describes (frozen, on `device`). A diffusers
+    teacher with text encoders takes its prompt set from `prompts` (cached at `prompt_cache`)."""
     kind = spec.kind
+    if kind == "diffusers":
+        return load_diffusers_teacher(spec, device, prompts, prompt_cache, warn)
     if kind == "mixture":
         params = preset_mixture(spec.preset) if spec.preset else spec.mixture.model_dump()
         mixture = GaussianMixture(params["weights"], params["means"], params["scales"])
@@ -257,6 +280,56 @@ def load_teacher(spec, seed: int = 0, device: str | torch.device = "cpu") -> Tea
     )
 
 
+def recipe_teacher(recipe, device="cpu", run_root: Path | None = None, warn=print) -> Teacher:
+    """The teacher of a distill recipe, with its prompt set (data.prompts) cached in `run_root`."""
+    prompts = recipe.data.prompts if getattr(recipe, "data", None) is not None else None
+    cache = Path(run_root) / "prompts.safetensors" if run_root is not None and prompts is not None else None
+    return load_teacher(recipe.teacher, seed=recipe.seed, device=device, prompts=prompts, prompt_cache=cache, warn=warn)
+
+
+def load_diffusers_teacher(spec, device, prompts: Path | None, prompt_cache: Path | None, warn=print) -> Teacher:
+    from .diffusers_pipeline import (
+        GuidedDenoiser,
+        LatentDecoder,
+        has_text_encoder,
+        load_pipeline_denoiser,
+        load_prompt_set,
+        pipeline_root,
+    )
+
+    root = pipeline_root(spec)
+    conditions, layout = None, None
+    if has_text_encoder(root):
+        if prompts is None:
+            raise UserError("data.prompts: this teacher is text-conditioned; give a prompt file (one prompt per line)")
+        conditions, layout = load_prompt_set(root, spec.variant, prompts, prompt_cache, device, warn)
+    elif prompts is not None:
+        raise UserError(f"data.prompts: {root} has no text encoder; remove data.prompts")
+    base = load_pipeline_denoiser(root, spec.variant, spec.resolution, layout).to(device).eval().requires_grad_(False)
+    weights = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+    student_config = copy.deepcopy(base.config())
+    den, extra = base, {}
+    g = spec.guidance
+    if g.scale != 1.0:
+        if conditions is None:
+            raise UserError("teacher.guidance: the teacher is unconditional; remove teacher.guidance")
+        den = GuidedDenoiser(base, conditions.uncond, g.scale, tuple(g.interval) if g.interval else None).to(device)
+        extra["guidance"] = g.model_dump()
+    decoder = LatentDecoder(root, spec.variant) if (root / "vae").is_dir() else None
+    data = decoder.info() if decoder else {"kind": "image", "range": [-1.0, 1.0]}
+    data = {**data, "pipeline": str(root.resolve()), "variant": spec.variant}
+    return Teacher(
+        denoiser=den,
+        source=f"diffusers:{spec.path or spec.model_id}",
+        student_config=student_config,
+        init_weights=lambda: {k: v.clone() for k, v in weights.items()},
+        extra=extra,
+        conditions=conditions,
+        decode=decoder,
+        data=data,
+    )
+
+
 __all__ = [
     "GaussianMixture",
     "MixtureDenoiser",
@@ -265,5 +338,6 @@ __all__ = [
     "load_ddpm_pulfer",
     "load_pretrained_denoiser",
     "load_teacher",
+    "recipe_teacher",
     "save_pretrained_denoiser",
 ]

@@ -1,0 +1,337 @@
+"""diffusers teachers: the EDM-form wrappers against diffusers' own schedulers, guidance, prompt
+sets, every method with and without LoRA, resume, sample -> export -> DiffusionPipeline. All on
+tiny random pipelines the tests build and save (tests/tiny_pipelines.py); nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emdctl.checkpoint import CheckpointManager
+from emdctl.errors import UserError
+from emdctl.recipe import parse_recipe
+
+from .conftest import fresh
+from .tiny_pipelines import PROMPTS, build_sd, build_sd3, build_sdxl, recipe, write_prompts
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {
+        "eps": build_sd(root / "sd-eps"),
+        "v": build_sd(root / "sd-v", prediction_type="v_prediction", seed=1, scheduler="ddpm"),
+        "pixel": build_sd(root / "sd-pixel", seed=2, latent=False),
+        "prompts": write_prompts(root / "prompts.txt"),
+    }
+
+
+def teacher_of(pipe, prompts, cache=None, **spec):
+    from emdctl.teachers import load_teacher
+
+    r = parse_recipe(recipe(pipe, prompts, teacher=spec), "t")
+    return load_teacher(r.teacher, prompts=prompts, prompt_cache=cache, warn=lambda _: None)
+
+
+def run(r: dict, run_dir, resume=False):
+    from rich.console import Console
+
+    from emdctl.commands.distill import run_recipe
+
+    return run_recipe(parse_recipe(r, "r"), run_dir=run_dir, resume=resume, console=Console(quiet=True))
+
+
+# -- the wrappers against diffusers' own arithmetic ------------------------------------------------
+@pytest.mark.parametrize("kind", ["eps", "v", "pixel"])
+def test_unet_denoiser_gives_the_schedulers_own_x0_at_every_timestep(sd, kind):
+    """D(x_t / sqrt(ab_t); sigma_t) = DDPMScheduler.step(...).pred_original_sample, for the same
+    network output, at fresh random timesteps, latents and prompts (epsilon and v prediction)."""
+    from diffusers import DDPMScheduler
+
+    teacher = teacher_of(sd[kind], sd["prompts"])
+    den, net = teacher.denoiser, teacher.denoiser.network
+    cfg = json.loads((sd[kind] / "scheduler" / "scheduler_config.json").read_text())
+    sched = DDPMScheduler.from_config(cfg, clip_sample=False, thresholding=False)
+    g = fresh()
+    ts = torch.randint(0, 1000, (6,), generator=g)
+    x_t = torch.randn(6, *den.img_shape, generator=g)
+    labels = teacher.conditions(torch.randint(0, len(PROMPTS), (6,), generator=g))
+    ab = sched.alphas_cumprod[ts].double()
+    sigma = ((1 - ab) / ab).sqrt().float()
+    got = den(x_t / ab.sqrt().float().reshape(-1, 1, 1, 1), sigma, labels)
+    with torch.no_grad():
+        out = net(x_t, ts, labels)
+    for i, t in enumerate(ts.tolist()):
+        want = sched.step(out[i : i + 1], t, x_t[i : i + 1]).pred_original_sample
+        assert torch.allclose(got[i : i + 1], want, atol=2e-5, rtol=1e-4), (kind, t)
+
+
+def test_flow_denoiser_gives_the_flow_x0(tmp_path):
+    """SD3-class flow transformer: D(x_t / (1 - t); t / (1 - t)) = x_t - t v(x_t, 1000 t), the
+    x0 of FlowMatchEulerDiscreteScheduler's step to sigma 0, at fresh random t."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = build_sd3(tmp_path / "sd3")
+    teacher = teacher_of(pipe, write_prompts(tmp_path / "p.txt"))
+    den = teacher.denoiser
+    g = fresh()
+    t = torch.rand(4, generator=g) * 0.98 + 0.01
+    x_t = torch.randn(4, *den.img_shape, generator=g)
+    labels = teacher.conditions(torch.randint(0, len(PROMPTS), (4,), generator=g))
+    got = den(x_t / (1 - t).reshape(-1, 1, 1, 1), t / (1 - t), labels)
+    with torch.no_grad():
+        v = den.network(x_t, t * 1000, labels)
+    sched = FlowMatchEulerDiscreteScheduler()
+    for i in range(4):
+        sched.sigmas = torch.tensor([float(t[i]), 0.0])
+        sched.timesteps = torch.tensor([float(t[i]) * 1000])
+        sched._step_index = 0
+        want = sched.step(v[i : i + 1], sched.timesteps[0], x_t[i : i + 1]).prev_sample
+        assert torch.allclose(got[i : i + 1], want, atol=2e-5, rtol=1e-4)
+
+
+def test_guidance_is_one_batched_call_equal_to_two_separate_ones(sd):
+    teacher = teacher_of(sd["eps"], sd["prompts"], guidance={"scale": 4.5, "interval": [0.5, 5.0]})
+    den, base = teacher.denoiser, teacher.denoiser.base
+    g = fresh()
+    sigma = den.round_sigma(torch.tensor([0.2, 1.0, 3.0, 10.0]))
+    x = torch.randn(4, *den.img_shape, generator=g) * (1 + sigma.reshape(-1, 1, 1, 1))
+    labels = teacher.conditions(torch.randint(0, len(PROMPTS), (4,), generator=g))
+    calls = []
+    base.network.register_forward_hook(lambda _m, a, _o: calls.append(a[0].shape[0]))
+    got = den(x, sigma, labels)
+    assert calls == [8]  # one call of 2B rows
+    d_c = base(x, sigma, labels)
+    d_u = base(x, sigma, teacher.conditions.uncond.expand(4, -1))
+    w = torch.tensor([1.0, 4.5, 4.5, 1.0]).reshape(-1, 1, 1, 1)  # outside the interval: D_c alone
+    assert torch.allclose(got, d_u + w * (d_c - d_u), atol=1e-5)
+    assert not torch.allclose(got[1], d_c[1], atol=1e-3)
+
+
+def test_guidance_needs_a_scale_of_at_least_zero(sd):
+    with pytest.raises(UserError, match="teacher.guidance.scale"):
+        parse_recipe(recipe(sd["eps"], sd["prompts"], teacher={"guidance": {"scale": -1}}), "r")
+
+
+# -- prompt sets -----------------------------------------------------------------------------------
+def test_prompt_embeddings_are_the_pipelines_and_are_cached(sd, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    from emdctl.teachers import diffusers_pipeline
+
+    cache = tmp_path / "prompts.safetensors"
+    teacher = teacher_of(sd["eps"], sd["prompts"], cache)
+    pipe = DiffusionPipeline.from_pretrained(sd["eps"])
+    with torch.no_grad():
+        want, neg = pipe.encode_prompt(PROMPTS, "cpu", 1, True, None)
+    c = teacher.conditions
+    assert c.count == len(PROMPTS) and torch.equal(c(torch.arange(4)), want.flatten(1))
+    assert torch.equal(c.uncond, neg[0].flatten())
+    assert cache.is_file()
+
+    def refuse(*a, **k):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(diffusers_pipeline, "encode_prompts", refuse)
+    again = teacher_of(sd["eps"], sd["prompts"], cache)
+    assert torch.equal(again.conditions.table, c.table)
+    other = write_prompts(tmp_path / "other.txt", ["a blue circle"])
+    with pytest.raises(AssertionError, match="encoded again"):  # another prompt file: not the cache's
+        teacher_of(sd["eps"], other, cache)
+
+
+def test_prompt_files(tmp_path):
+    from emdctl.conditioning import read_prompts
+
+    (tmp_path / "a.jsonl").write_text('{"prompt": "x y"}\n\n{"prompt": "z"}\n')
+    assert read_prompts(tmp_path / "a.jsonl") == ["x y", "z"]
+    (tmp_path / "b.txt").write_text("\n  \n")
+    with pytest.raises(UserError, match="b.txt holds no prompts"):
+        read_prompts(tmp_path / "b.txt")
+    (tmp_path / "c.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(UserError, match="line 1: needs a string field 'prompt'"):
+        read_prompts(tmp_path / "c.jsonl")
+
+
+def test_long_prompts_are_counted_in_a_warning(sd, tmp_path):
+    from emdctl.teachers import load_teacher
+
+    said = []
+    r = parse_recipe(recipe(sd["eps"], sd["prompts"]), "t")
+    load_teacher(r.teacher, prompts=sd["prompts"], warn=said.append)
+    # Two of PROMPTS exceed the tiny tokenizer's 12 tokens (one per letter).
+    assert len(said) == 1 and "2 of 4 prompts are longer than the tokenizer's 12 tokens" in said[0]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_bad_pipelines_and_recipes_are_one_line(sd, tmp_path, monkeypatch):
+    import shutil
+
+    p = sd["prompts"]
+    bad = tmp_path / "no-unet"
+    shutil.copytree(sd["eps"], bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index.pop("unet")
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="has no unet or transformer"):
+        teacher_of(bad, p)
+    sched = tmp_path / "sched"
+    shutil.copytree(sd["eps"], sched)
+    cfg = json.loads((sched / "scheduler" / "scheduler_config.json").read_text())
+    (sched / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**cfg, "_class_name": "ScoreSdeVeScheduler"})
+    )
+    with pytest.raises(UserError, match="scheduler ScoreSdeVeScheduler is not supported"):
+        teacher_of(sched, p)
+    (sched / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "prediction_type": "flow"}))
+    with pytest.raises(UserError, match="prediction_type 'flow' is not supported"):
+        teacher_of(sched, p)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(sd["eps"], pickled)
+    st = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save({}, pickled / "unet" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    with pytest.raises(UserError, match="cannot load the unet"):  # never unpickled
+        teacher_of(pickled, p)
+    with pytest.raises(UserError, match="data.prompts: this teacher is text-conditioned"):
+        teacher_of(sd["eps"], None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = recipe(sd["eps"], p)
+    r["teacher"] = {"kind": "diffusers", "model_id": "nobody/no-such-pipeline-here"}
+    with pytest.raises(UserError, match="teacher.model_id: cannot fetch 'nobody/no-such-pipeline-here'"):
+        run(r, tmp_path / "offline")
+    r = {**recipe(sd["eps"], p), "teacher": {"kind": "mixture", "preset": "ring8"}}
+    with pytest.raises(UserError, match="data.prompts: prompt sets are for diffusers teachers"):
+        parse_recipe(r, "r")
+
+
+# -- distillation ----------------------------------------------------------------------------------
+LORA = {
+    "generator": {"sigma_init": 14.6, "lora": {"rank": 4, "alpha": 8}},
+    "fake_score": {"lora": {"rank": 4, "alpha": 4}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["emd", "diff-instruct", "moment-matching", "sid"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_method_distills_a_guided_text_teacher(sd, tmp_path, method, lora):
+    extra = {"teacher": {"guidance": {"scale": 3.0}}, **(LORA if lora else {})}
+    r, summary = run(recipe(sd["eps"], sd["prompts"], method, **extra), tmp_path / "run")
+    assert summary["images"] == 16 and summary["nan_skipped"] == 0
+    state, _ = CheckpointManager(tmp_path / "run").load()
+    teacher = teacher_of(sd["eps"], sd["prompts"]).init_weights()
+    gen = {k[len("net.generator.denoiser.") :]: v for k, v in state.items() if k.startswith("net.generator.denoiser.")}
+    moved = [k for k, v in gen.items() if k in teacher and not torch.equal(v, teacher[k])]
+    if lora:  # the base is the teacher's, frozen; only the adapters trained
+        adapters = [k for k in gen if ".lora_" in k]
+        assert adapters and not moved
+        base = {k.replace(".base_layer.", "."): v for k, v in gen.items() if ".lora_" not in k}
+        assert base.keys() == teacher.keys() and all(torch.equal(v, teacher[k]) for k, v in base.items())
+        assert any(v.abs().sum() > 0 for k, v in gen.items() if ".lora_B." in k)
+    else:
+        assert moved
+    assert (tmp_path / "run" / "grids" / "grid-000000000016.png").is_file()  # decoded by the VAE
+    cfg = json.loads((tmp_path / "run" / "generator" / "config.json").read_text())
+    assert cfg["data"]["kind"] == "latent" and cfg["teacher"]["guidance"]["scale"] == 3.0
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_bit_for_bit(sd, tmp_path):
+    r = recipe(sd["eps"], sd["prompts"], "emd", teacher={"guidance": {"scale": 2.0}}, **LORA)
+    run(r, tmp_path / "full")
+    run({**r, "duration": 8}, tmp_path / "split")
+    run(r, tmp_path / "split", resume=True)
+    a, _ = CheckpointManager(tmp_path / "full").load()
+    b, _ = CheckpointManager(tmp_path / "split").load()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(sd, tmp_path):
+    from .test_distributed import assert_two_processes_equal_one
+
+    r = recipe(sd["eps"], sd["prompts"], "diff-instruct", teacher={"guidance": {"scale": 2.0}},
+               batch={"size": 4, "micro": 2}, checkpoint={"every": 10_000})  # fmt: skip
+    assert_two_processes_equal_one(tmp_path, r, iterations=4)
+
+
+@pytest.mark.slow
+def test_sdxl_and_sd3_teachers_distill(tmp_path):
+    """SDXL (two text encoders, pooled embedding, added time ids) and an SD3-class flow
+    transformer: a few EMD iterations each, finite and moving."""
+    p = write_prompts(tmp_path / "p.txt")
+    xl = teacher_of(build_sdxl(tmp_path / "xl"), p)
+    net = xl.denoiser.network
+    assert net.cond["pooled"] == 8 and net.time_ids.tolist() == [16, 16, 0, 0, 16, 16]
+    run(recipe(tmp_path / "xl", p, "emd", teacher={"guidance": {"scale": 2.0}}), tmp_path / "run-xl")
+    r = recipe(tmp_path / "sd3", p, "emd", generator={"sigma_init": 50.0})
+    build_sd3(tmp_path / "sd3")
+    _, summary = run(r, tmp_path / "run-sd3")
+    assert summary["nan_skipped"] == 0
+
+
+# -- sample, export, DiffusionPipeline --------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_sample_export_and_diffusion_pipeline_give_the_same_image(sd, tmp_path, lora):
+    from PIL import Image
+
+    from emdctl.commands.export import export_command
+    from emdctl.commands.sample import sample_command
+    from emdctl.export_diffusers import pipeline_image
+
+    # A learning rate at which 4 iterations move the images visibly (checked against the teacher below).
+    r = recipe(sd["eps"], sd["prompts"], "emd", teacher={"guidance": {"scale": 3.0}}, optim={"lr_gen": 3e-3},
+               **(LORA if lora else {}))  # fmt: skip
+    run(r, tmp_path / "run")
+    seeds = [int(s) for s in torch.randint(0, 10**6, (2,), generator=fresh())]
+    prompt = "a handwritten digit seven"
+    out = tmp_path / "samples"
+    summary = sample_command(source=tmp_path / "run", teacher_recipe=None, seeds=seeds, out_dir=out, batch=1,
+                             steps=None, fmt="png", class_label=None, use_ema=True, sampler="auto",
+                             device_name="cpu", show_progress=False, prompt=prompt)  # fmt: skip
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [row["seed"] for row in rows] == seeds and {row["prompt"] for row in rows} == {prompt}
+    assert summary["index"] == str(out / "index.jsonl")
+    export_command(source=tmp_path / "run", fmt="diffusers", out=tmp_path / "pipe", lora_file=lora)
+    for seed in seeds:
+        png = Image.open(out / f"{seed // 1000 * 1000:06d}" / f"{seed:06d}.png")
+        assert png.text["prompt"] == prompt
+        ours = np.asarray(png).astype(np.float64) / 255
+        theirs = pipeline_image(tmp_path / "pipe", prompt, seed)
+        # PNG quantization (half a level) plus float rounding: at most one level of 255.
+        assert np.abs(ours - theirs).max() <= 1 / 255, seed
+    if lora:  # the adapters alone, on the teacher's own pipeline
+        from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+        pipe = DiffusionPipeline.from_pretrained(sd["eps"])
+        pipe.scheduler = EulerDiscreteScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
+        args = {"num_inference_steps": 1, "guidance_scale": 0, "output_type": "np"}
+        before = pipe(prompt, generator=torch.Generator().manual_seed(seeds[0]), **args).images[0]
+        pipe.load_lora_weights(tmp_path / "pipe", weight_name="pytorch_lora_weights.safetensors")
+        img = pipe(prompt, generator=torch.Generator().manual_seed(seeds[0]), **args).images[0]
+        png = np.asarray(Image.open(out / f"{seeds[0] // 1000 * 1000:06d}" / f"{seeds[0]:06d}.png")) / 255
+        assert np.abs(png - img).max() <= 1 / 255
+        assert np.abs(png - before).max() > 4 / 255  # the student is not the teacher
+
+
+def test_export_and_sample_refuse_what_they_cannot_do(sd, tmp_path):
+    from emdctl.commands.export import export_command
+    from emdctl.commands.sample import sample_command
+
+    run(recipe(sd["eps"], sd["prompts"], "diff-instruct", duration=4, generator={"sigma_init": 2.0}), tmp_path / "r")
+    with pytest.raises(UserError, match="starts at the teacher's largest sigma"):
+        export_command(source=tmp_path / "r", fmt="diffusers", out=tmp_path / "p")
+    with pytest.raises(UserError, match="give --prompt"):
+        sample_command(source=tmp_path / "r", teacher_recipe=None, seeds=[0], out_dir=tmp_path / "s", batch=1,
+                       steps=None, fmt="png", class_label=None, use_ema=True, sampler="auto", device_name="cpu",
+                       show_progress=False)  # fmt: skip
