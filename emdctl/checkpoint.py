@@ -214,10 +214,17 @@ def load_checkpoint(path: Path, entries: list[dict] | None = None) -> tuple[dict
     return tensors, meta
 
 
-def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+def module_tensors(prefix: str, module: torch.nn.Module, skip: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """A module's tensors under PREFIX.name, but for those in `skip` (by data_ptr: a LoRA student's
+    frozen base, which is the teacher's own tensor and comes back with the teacher)."""
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items() if v.data_ptr() not in skip}
 
 
-def restore_module(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+def restore_module(
+    prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str, skip: frozenset = frozenset()
+) -> None:
     sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    for k, v in module.state_dict().items():
+        if v.data_ptr() in skip and k not in sub:
+            sub[k] = v  # not checkpointed: the teacher's tensor, in place already
     load_state_strict(module, sub, f"{source} [{prefix}]")

@@ -223,9 +223,14 @@ def recipe_validate(file: Annotated[Path, typer.Argument(help="Recipe YAML file.
 @handles_errors
 def recipe_show(file: RecipeArg = None, set_: SetOpt = None):
     """Print the fully resolved recipe, every default filled in (as YAML)."""
+    from .memory import recipe_estimate
     from .recipe import dump_recipe, load_recipe
 
-    out.print(dump_recipe(load_recipe(file, set_ or [])), end="", markup=False)
+    r = load_recipe(file, set_ or [])
+    out.print(dump_recipe(r), end="", markup=False)
+    estimate = recipe_estimate(r)
+    if estimate:
+        out.print(f"# {estimate}", markup=False, highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,6 +641,26 @@ def evaluate_modes(
         within=within,
         threads=n_threads,
     )
+
+
+@evaluate_app.command("clip")
+@handles_errors
+def evaluate_clip(
+    samples: Annotated[
+        Path, typer.Argument(help="A sample folder of `emdctl sample --prompt/--prompts` (index.jsonl).")
+    ],
+    clip: Annotated[str, typer.Option(help="A transformers CLIPModel directory, or a hub id already in the cache.")],
+    n: Annotated[int | None, typer.Option("--n", help="Score the first N images (default: all).")] = None,
+    device: DeviceOpt = Device.auto,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result here.")] = None,
+):
+    """CLIP score of generated images against their prompts (100 x cosine, clipped at 0, averaged)."""
+    _new_file(json_out, "--json")
+    from .commands.evaluate import clip_command
+
+    result = clip_command(samples=samples, clip=clip, n=n, device=device, json_out=json_out)
+    out.print(f"CLIP score {result['clip_score']:.3f} (sd {result['clip_score_sd']:.3f}) over {result['n']} images "
+              f"of {result['prompts']} prompts; model {clip}")  # fmt: skip
 
 
 @evaluate_app.command("stats")

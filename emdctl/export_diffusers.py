@@ -87,8 +87,9 @@ def export_diffusers(gen, cfg: dict, out: Path, lora_file: bool = False) -> dict
         # diffusers' own writer (keys "unet.*", the adapter's rank and alpha in the file's metadata).
         meta = {"r": int(net.lora["rank"]), "lora_alpha": float(net.lora["alpha"]),
                 "target_modules": list(net.lora["targets"])}  # fmt: skip
-        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=lora_state(net), unet_lora_adapter_metadata=meta,
-                                                  safe_serialization=True)  # fmt: skip
+        StableDiffusionPipeline.save_lora_weights(
+            out, unet_lora_layers=lora_state(net), unet_lora_adapter_metadata=meta, safe_serialization=True
+        )
         result["lora"] = str(out / "pytorch_lora_weights.safetensors")
     return result
 

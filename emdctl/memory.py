@@ -16,12 +16,21 @@ from .networks.layers import UNetBlock
 from .precision import DTYPES
 
 GB = 2**30
+# The units diffusers networks recompute under gradient checkpointing (their inputs are kept).
+CHECKPOINTED_BLOCKS = {"ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "JointTransformerBlock"}
 
 
-def parameter_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
-        b.numel() * b.element_size() for b in module.buffers()
-    )
+def parameter_bytes(module: nn.Module, seen: set | None = None) -> int:
+    """Bytes of a module's parameters and buffers; with `seen`, a tensor shared with a module
+    counted before (a LoRA student's frozen base) is not counted again."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type != "meta" and t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
 
 
 def activation_bytes(config: dict, micro_batch: int, dtype: str = "fp32", checkpointing: bool = False) -> int | None:
@@ -35,9 +44,11 @@ def activation_bytes(config: dict, micro_batch: int, dtype: str = "fp32", checkp
 
         def hook(mod, inp, out):
             nonlocal total, block_io
-            if isinstance(out, torch.Tensor):
-                n = out.numel() * elem
-                if isinstance(mod, UNetBlock):
+            outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)] \
+                if isinstance(out, tuple) else []  # fmt: skip
+            if outs:
+                n = sum(o.numel() for o in outs) * elem
+                if isinstance(mod, UNetBlock) or type(mod).__name__ in CHECKPOINTED_BLOCKS:
                     block_io += n
                 elif not list(mod.children()):
                     total += n
@@ -58,10 +69,10 @@ def activation_bytes(config: dict, micro_batch: int, dtype: str = "fp32", checkp
 
 def describe(method, recipe) -> str:
     mods = method.modules()
-    static = sum(parameter_bytes(m) for m in mods.values())
+    seen: set = set()
     teacher = getattr(method, "teacher", None)
-    if teacher is not None:
-        static += parameter_bytes(teacher)
+    static = parameter_bytes(teacher, seen) if teacher is not None else 0
+    static += sum(parameter_bytes(m, seen) for m in mods.values())
     trainable = sum(p.numel() for opt in method.optimizers().values() for g in opt.param_groups for p in g["params"])
     static += trainable * 4 * 3  # gradients + Adam's two moments, float32
     cfg = None
@@ -130,3 +141,58 @@ def check_fits(
             f"{need / GB:,.1f} GB, and the {'GPU' if torch.device(device).type == 'cuda' else 'host'} has "
             f"{free / GB:,.1f} GB free; use smaller networks or batch.micro"
         )
+
+
+def recipe_estimate(recipe) -> str | None:
+    """The memory a distillation recipe will need, from its teacher's network config alone (no
+    weights loaded): said by `emdctl recipe show`. Diffusers teachers only for now (the config is
+    on disk, in the Hugging Face cache, or in emdctl's table of official pipelines); None otherwise."""
+    if recipe.kind != "distill" or recipe.teacher.kind != "diffusers":
+        return None
+    from .methods import DISTILLATION_METHODS
+    from .teachers.diffusers_pipeline import offline_denoiser_config
+
+    found = offline_denoiser_config(recipe.teacher)
+    if found is None:
+        return None
+    config, where = found
+    params = parameters_on_meta(config) or 0
+    loras = {"generator": recipe.generator.lora, "fake": recipe.fake_score.lora}
+    adapters = {name: _lora_parameters(config, lora) for name, lora in loras.items() if lora is not None}
+    # fp32 weights: the teacher; the generator, its EMA and the fake score (their frozen bases are the
+    # teacher's when they carry LoRA adapters); gradients and two Adam moments of what is trained.
+    static = params
+    for name, copies in (("generator", 2), ("fake", 1)):  # (the generator's EMA is its second copy)
+        trained = adapters.get(name, params)
+        static += trained * copies + trained * 3  # the copies (adapters alone for LoRA), gradient, two moments
+    static *= 4
+    prec = recipe.precision
+    act = activation_bytes(config, recipe.batch.micro or recipe.batch.size, prec.dtype, prec.checkpointing) or 0
+    act *= getattr(DISTILLATION_METHODS[recipe.method.name], "networks_in_backward", 1)
+    micro = recipe.batch.micro or recipe.batch.size
+    how = prec.dtype + (", checkpointed" if prec.checkpointing else "")
+    text = (
+        f"memory estimate: {params / 1e6:,.0f}M parameters per network ({where}); networks + optimizer states "
+        f"{static / GB:.1f} GB, activations ~{act / GB:.1f} GB per micro-batch of {micro} ({how}); "
+        f"total ~{(static + act) / GB:.1f} GB per device"
+    )
+    if recipe.data is not None and recipe.data.prompts.is_file():
+        from .conditioning import read_prompts
+
+        table = len(read_prompts(recipe.data.prompts)) * config["label_dim"] * 4
+        text += f"; prompt embeddings {table / GB:.2f} GB in host memory"
+    return text
+
+
+def _lora_parameters(config: dict, lora) -> int:
+    """Parameters of LoRA adapters of rank r on the linear layers named by `lora.targets`: r (in + out) each."""
+    try:
+        with torch.device("meta"):
+            den = build_denoiser(config)
+    except Exception:  # noqa: BLE001 - an estimate
+        return 0
+    total = 0
+    for name, mod in den.named_modules():
+        if isinstance(mod, nn.Linear) and any(name == t or name.endswith("." + t) for t in lora.targets):
+            total += lora.rank * (mod.in_features + mod.out_features)
+    return total

@@ -31,6 +31,8 @@ def apply_policy(module: nn.Module, dtype: str = "fp32", channels_last: bool = F
             m.channels_last = channels_last
         if isinstance(m, UNetBlock):
             m.checkpointing = checkpointing
+        if checkpointing and getattr(m, "_supports_gradient_checkpointing", False):
+            m.enable_gradient_checkpointing()  # a diffusers network: its own per-block recomputation
     if channels_last:
         module.to(memory_format=torch.channels_last)
     return module

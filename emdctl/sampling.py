@@ -88,9 +88,31 @@ def generator_from_checkpoint(run_dir: Path, use_ema: bool = True) -> tuple[OneS
     if meta.get("kind") != "distill" or not cfg:
         raise UserError(f"{run_dir}: its checkpoints hold no generator (kind {meta.get('kind')!r})")
     gen = generator_from_config(cfg)
-    restore_module("net.generator_ema" if use_ema else "net.generator", gen, tensors, str(run_dir))
+    prefix = "net.generator_ema" if use_ema else "net.generator"
+    skip = frozenset()
+    own = [k for k in tensors if k.startswith(prefix + ".")]
+    if own and all(".lora_" in k for k in own if ".network.model." in k):
+        skip = _teacher_base_into(gen, cfg, run_dir)  # a LoRA run checkpoints the adapters alone
+    restore_module(prefix, gen, tensors, str(run_dir), skip)
     refuse_nonfinite_weights(gen, run_dir)
     return gen.eval().requires_grad_(False), {**cfg, "teacher": meta["configs"].get("teacher", {})}
+
+
+def _teacher_base_into(gen: OneStepGenerator, cfg: dict, run_dir: Path) -> frozenset:
+    """Load the frozen base of a LoRA generator from its teacher's pipeline (its checkpoints hold
+    only the adapters); returns the data_ptrs of the base tensors."""
+    from .networks.diffusers_nets import with_lora_keys
+    from .teachers.diffusers_pipeline import load_pipeline_denoiser
+
+    data = cfg.get("data", {})
+    root = Path(data.get("pipeline") or "")
+    if not (root / "model_index.json").is_file():
+        raise UserError(f"{run_dir}: its checkpoints hold LoRA adapters, and the teacher pipeline {root} is gone")
+    cond = cfg["denoiser"]["arch_kwargs"]["cond"]
+    base = load_pipeline_denoiser(root, data.get("variant"), None, cond).state_dict()  # (weights: any resolution)
+    den = gen.denoiser
+    den.load_state_dict(with_lora_keys(den.state_dict(), base), strict=False)
+    return frozenset(p.data_ptr() for n, p in den.named_parameters() if ".lora_" not in n)
 
 
 def refuse_nonfinite_weights(gen: torch.nn.Module, source: Path) -> None:
@@ -235,6 +257,7 @@ def run_sampling(
         "ema": info.get("ema"),
         "class": info.get("class"),
         "prompts": _digest(prompts) if prompts else None,
+        "guidance": info.get("guidance"),
         "format": fmt,
         "keep_float": keep_float,
         "seeds": seeds.digest(),

@@ -51,8 +51,9 @@ class Trainer:
     def state_tensors_and_meta(self) -> tuple[dict, dict]:
         tensors: dict[str, torch.Tensor] = {}
         optim_meta = {}
+        shared = self.method.shared_with_teacher()
         for name, module in self.method.modules().items():
-            tensors.update(module_tensors(f"net.{name}", module))
+            tensors.update(module_tensors(f"net.{name}", module, shared))
         for name, opt in self.method.optimizers().items():
             t, m = flatten_optimizer(name, opt)
             tensors.update(t)
@@ -96,8 +97,9 @@ class Trainer:
         self.ckpt.notes.clear()
         if meta.get("kind") != self.recipe.kind:
             raise UserError(f"{source}: a {meta.get('kind')!r} checkpoint cannot resume a {self.recipe.kind!r} run")
+        shared = self.method.shared_with_teacher()
         for name, module in self.method.modules().items():
-            restore_module(f"net.{name}", module, tensors, source)
+            restore_module(f"net.{name}", module, tensors, source, shared)
         for name, opt in self.method.optimizers().items():
             if name not in meta.get("optimizers", {}):
                 raise UserError(f"{source}: has no state for optimizer {name!r}")
@@ -120,7 +122,8 @@ class Trainer:
         beta = 0.5 ** (self.recipe.batch.size / max(half, 1e-8)) if half > 0 else 0.0
         for ema_net, net in self.method.ema_pairs():
             for pe, p in zip(ema_net.parameters(), net.parameters(), strict=True):
-                pe.copy_(p.detach().lerp(pe, beta))
+                if pe is not p:  # (a LoRA student's frozen base is one tensor shared by both)
+                    pe.copy_(p.detach().lerp(pe, beta))
             for be, b in zip(ema_net.buffers(), net.buffers(), strict=True):
                 be.copy_(b)
 

@@ -229,17 +229,49 @@ def test_every_method_distills_a_guided_text_teacher(sd, tmp_path, method, lora)
     teacher = teacher_of(sd["eps"], sd["prompts"]).init_weights()
     gen = {k[len("net.generator.denoiser.") :]: v for k, v in state.items() if k.startswith("net.generator.denoiser.")}
     moved = [k for k, v in gen.items() if k in teacher and not torch.equal(v, teacher[k])]
-    if lora:  # the base is the teacher's, frozen; only the adapters trained
-        adapters = [k for k in gen if ".lora_" in k]
-        assert adapters and not moved
+    if lora:  # checkpoints hold the adapters alone; the exported base is the teacher's, untrained
+        assert gen and all(".lora_" in k for k in gen)
+        assert any(v.abs().sum() > 0 for k, v in gen.items() if ".lora_B." in k)
+        from safetensors.torch import load_file
+
+        gen = {
+            k[len("denoiser.") :]: v for k, v in load_file(tmp_path / "run" / "generator" / "model.safetensors").items()
+        }
         base = {k.replace(".base_layer.", "."): v for k, v in gen.items() if ".lora_" not in k}
         assert base.keys() == teacher.keys() and all(torch.equal(v, teacher[k]) for k, v in base.items())
-        assert any(v.abs().sum() > 0 for k, v in gen.items() if ".lora_B." in k)
     else:
         assert moved
     assert (tmp_path / "run" / "grids" / "grid-000000000016.png").is_file()  # decoded by the VAE
     cfg = json.loads((tmp_path / "run" / "generator" / "config.json").read_text())
     assert cfg["data"]["kind"] == "latent" and cfg["teacher"]["guidance"]["scale"] == 3.0
+
+
+def test_lora_students_share_the_teachers_frozen_base(sd):
+    """Generator, its EMA and the fake score hold the teacher's own base tensors (one copy of the
+    network in memory); only the adapters are trained, and they start at the teacher's function."""
+    from emdctl.distributed import DistContext
+    from emdctl.memory import parameter_bytes
+    from emdctl.methods import build_method
+
+    r = parse_recipe(recipe(sd["eps"], sd["prompts"], "emd", **LORA), "r")
+    teacher = teacher_of(sd["eps"], sd["prompts"])
+    m = build_method(r, DistContext(), teacher)
+    m.initialize()
+    base = dict(m.teacher.named_parameters())
+    for student in (m.generator.denoiser, m.generator_ema.denoiser, m.fake):
+        params = dict(student.named_parameters())
+        frozen = {k: p for k, p in params.items() if ".lora_" not in k}
+        assert frozen and all(p is base[k.replace(".base_layer.", ".")] for k, p in frozen.items())
+    trained = [p for g in m.opt_gen.param_groups for p in g["params"]]
+    assert trained and all(p.requires_grad for p in trained)
+    assert sum(p.numel() for p in trained) < 0.2 * sum(p.numel() for p in base.values())
+    seen: set = set()
+    total = parameter_bytes(m.teacher, seen) + sum(parameter_bytes(x, seen) for x in m.modules().values())
+    assert total < 1.5 * parameter_bytes(m.teacher)
+    z = torch.randn(2, *m.img_shape, generator=fresh())
+    labels = teacher.conditions(torch.tensor([0, 1]))
+    sigma = m.generator.sigma_star
+    assert torch.allclose(m.generator(z, labels), m.teacher(z * sigma, sigma, labels), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -253,6 +285,14 @@ def test_lora_run_resumes_bit_for_bit(sd, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # Sampling a checkpoint (not the export): the adapters from it, the base from the teacher's pipeline.
+    from emdctl.sampling import open_generator
+
+    gen, _ = open_generator(tmp_path / "full", use_ema=False)
+    teacher = teacher_of(sd["eps"], sd["prompts"]).init_weights()
+    for k, v in gen.denoiser.state_dict().items():
+        want = a[f"net.generator.denoiser.{k}"] if ".lora_" in k else teacher[k.replace(".base_layer.", ".")]
+        assert torch.equal(v, want), k
 
 
 @pytest.mark.slow
@@ -335,3 +375,105 @@ def test_export_and_sample_refuse_what_they_cannot_do(sd, tmp_path):
         sample_command(source=tmp_path / "r", teacher_recipe=None, seeds=[0], out_dir=tmp_path / "s", batch=1,
                        steps=None, fmt="png", class_label=None, use_ema=True, sampler="auto", device_name="cpu",
                        show_progress=False)  # fmt: skip
+
+
+# -- recipes, teacher sampling, CLIP score ---------------------------------------------------------
+def test_official_recipes_validate_offline_and_estimate_memory(monkeypatch):
+    """sd15/sdxl/sd3 recipes parse without the network, and `recipe show` estimates their memory
+    from emdctl's table of the official configs: SD 1.5's UNet has 859,520,964 parameters."""
+    from typer.testing import CliRunner
+
+    from emdctl.cli import app
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    said = {}
+    for name in ("sd15", "sdxl", "sd3"):
+        result = CliRunner().invoke(app, ["recipe", "show", str(REPO / "recipes" / f"{name}.yaml")])
+        assert result.exit_code == 0, result.output
+        said[name] = result.output.splitlines()[-1]
+    assert said["sd15"].startswith("# memory estimate: 860M parameters per network")
+    assert "2,567M" in said["sdxl"] and "2,028M" in said["sd3"]
+    from emdctl.memory import parameters_on_meta
+    from emdctl.recipe import load_recipe
+    from emdctl.teachers.diffusers_pipeline import offline_denoiser_config
+
+    config, _ = offline_denoiser_config(load_recipe(REPO / "recipes" / "sd15.yaml").teacher)
+    assert parameters_on_meta(config) == 859_520_964
+
+
+def test_local_pipeline_estimate_counts_the_real_network(sd):
+    from emdctl.memory import parameters_on_meta, recipe_estimate
+    from emdctl.teachers.diffusers_pipeline import offline_denoiser_config
+
+    r = parse_recipe(recipe(sd["eps"], sd["prompts"], **LORA), "r")
+    config, where = offline_denoiser_config(r.teacher)
+    teacher = teacher_of(sd["eps"], sd["prompts"])
+    assert where == str(sd["eps"]) and config["label_dim"] == teacher.label_dim
+    assert parameters_on_meta(config) == sum(p.numel() for p in teacher.denoiser.parameters())
+    assert "prompt embeddings" in recipe_estimate(r)
+
+
+def test_teacher_samples_with_guidance_and_prompts(sd, tmp_path):
+    import yaml
+
+    from emdctl.commands.sample import sample_command
+
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(recipe(sd["eps"], sd["prompts"], teacher={"guidance": {"scale": 3.0}})))
+    args = dict(source=None, teacher_recipe=f, seeds=[3, 4], batch=2, steps=3, fmt="png", class_label=None,
+                use_ema=True, sampler="auto", device_name="cpu", show_progress=False)  # fmt: skip
+    sample_command(out_dir=tmp_path / "a", prompt="two cats", **args)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["two cats"] * 2
+    info = json.loads((tmp_path / "a" / "sampling.json").read_text())
+    assert info["guidance"]["scale"] == 3.0 and info["img_shape"] == [3, 16, 16]
+    with pytest.raises(UserError, match="give --prompt"):
+        sample_command(out_dir=tmp_path / "b", **args)
+
+
+def test_clip_score_is_the_cosine_of_clips_own_features(sd, tmp_path):
+    """100 * max(cos, 0) per image against a float64 computation with the model's own feature
+    functions, on fresh random 16x16 images (CLIP's input size: no resize) and the prompts of an index."""
+    from PIL import Image
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from emdctl.commands.evaluate import clip_command
+    from emdctl.evaluation.clip import CLIP_MEAN, CLIP_STD, clip_scores
+    from tests.tiny_pipelines import build_clip
+
+    clip = build_clip(tmp_path / "clip")
+    g = fresh()
+    images = torch.randint(0, 256, (6, 16, 16, 3), generator=g, dtype=torch.uint8)
+    prompts = [PROMPTS[int(i)] for i in torch.randint(0, 4, (6,), generator=g)]
+    folder = tmp_path / "samples"
+    (folder / "000000").mkdir(parents=True)
+    rows = []
+    for i, (img, p) in enumerate(zip(images, prompts, strict=True)):
+        Image.fromarray(img.numpy()).save(folder / "000000" / f"{i:06d}.png")
+        rows.append(json.dumps({"seed": i, "file": f"000000/{i:06d}.png", "prompt": p}))
+    (folder / "index.jsonl").write_text("\n".join(rows) + "\n")
+    model = CLIPModel.from_pretrained(clip).double().eval()
+    tok = CLIPTokenizer.from_pretrained(clip)
+    pix = (images.permute(0, 3, 1, 2).double() / 255 - torch.tensor(CLIP_MEAN).double().reshape(1, 3, 1, 1)) / (
+        torch.tensor(CLIP_STD).double().reshape(1, 3, 1, 1)
+    )
+    with torch.no_grad():
+        fi = model.get_image_features(pixel_values=pix)
+        ft = model.get_text_features(**tok(prompts, padding=True, truncation=True, return_tensors="pt"))
+    fi = fi if isinstance(fi, torch.Tensor) else fi.pooler_output
+    ft = ft if isinstance(ft, torch.Tensor) else ft.pooler_output
+    cos = torch.nn.functional.cosine_similarity(fi, ft)
+    want = 100 * cos.clamp_min(0)
+    fresh_model = CLIPModel.from_pretrained(clip).eval()
+    got = clip_scores(fresh_model, tok, images, prompts, "cpu")
+    assert torch.allclose(got.double(), want, atol=1e-3)
+    raw = clip_scores(fresh_model, tok, images, prompts, "cpu", clamp=False)  # (a random CLIP may be all < 0)
+    assert torch.allclose(raw.double(), 100 * cos, atol=1e-3) and float(cos.abs().min()) > 1e-3
+    result = clip_command(samples=folder, clip=str(clip), n=None, device="cpu", json_out=tmp_path / "c.json")
+    assert result["clip_score"] == pytest.approx(float(want.mean()), abs=1e-3) and result["n"] == 6
+    with pytest.raises(UserError, match="no index.jsonl"):
+        clip_command(samples=tmp_path, clip=str(clip), n=None, device="cpu", json_out=None)
+    with pytest.raises(UserError, match="cannot load a CLIP model"):
+        clip_command(samples=folder, clip=str(tmp_path / "nothing"), n=None, device="cpu", json_out=None)

@@ -199,3 +199,32 @@ def recipe(pipe: Path, prompts: Path | None, method="emd", **extra) -> dict:
     for k, v in extra.items():
         r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
     return r
+
+
+def build_clip(d: Path, seed=0) -> Path:
+    """A tiny transformers CLIPModel with its tokenizer, saved as a directory (for `evaluate clip`)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": 2 + 2 * len(CHARS),
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": MAX_TOKENS,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    vision = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 16,
+        "patch_size": 8,
+    }
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(d)
+    tokenizer(d / "tok-src").save_pretrained(d)
+    return d

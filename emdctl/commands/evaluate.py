@@ -320,3 +320,20 @@ def stats_command(*, sources, n, device, json_out, use_ema, shift, console) -> d
         atomic_write_json(json_out, stats)
         console.print(f"wrote {json_out}")
     return stats
+
+
+def clip_command(*, samples: Path, clip: str, n: int | None, device: str, json_out: Path | None) -> dict:
+    """`emdctl evaluate clip`: the CLIP score of a prompted sample folder."""
+    from ..distributed import resolve_device
+    from ..evaluation.clip import clip_scores, open_clip_model, read_sample_folder
+
+    dev = resolve_device(device)
+    images, prompts = read_sample_folder(samples, n)
+    model, tokenizer = open_clip_model(clip, dev)
+    scores = clip_scores(model, tokenizer, images, prompts, dev)
+    result = {"metric": "clip_score", "clip_score": float(scores.mean()),
+              "clip_score_sd": float(scores.std()) if len(scores) > 1 else 0.0, "n": len(scores),
+              "prompts": len(set(prompts)), "model": str(clip), "samples": str(samples)}  # fmt: skip
+    if json_out is not None:
+        atomic_write_json(json_out, result)
+    return result

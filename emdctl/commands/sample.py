@@ -15,8 +15,11 @@ from ..runs import newest_finished_run
 from ..sampling import generator_sampler, open_generator, run_sampling, weights_digest
 
 
-def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) -> tuple[Callable, dict]:
-    """A function seeds -> (samples, labels) for the teacher a recipe names."""
+def teacher_sampler(
+    recipe_path: Path, steps: int | None, sampler: str, device, prompts: list[str] | None = None
+) -> tuple[Callable, dict]:
+    """A function seeds -> (samples, labels) for the teacher a recipe names (with its guidance; a
+    text-conditioned teacher takes `prompts`, seed s prompt s mod N, and its latents are decoded)."""
     from ..networks.precond import DiscreteVPPrecond
     from ..recipe import load_recipe
     from ..solvers import ddpm_sampler, edm_sampler
@@ -25,6 +28,10 @@ def teacher_sampler(recipe_path: Path, steps: int | None, sampler: str, device) 
     r = load_recipe(recipe_path)
     if r.kind != "distill":
         raise UserError(f"{recipe_path}: a {r.kind} recipe names no teacher to sample; give a distillation recipe")
+    if r.teacher.kind == "diffusers":
+        return _diffusers_teacher_sampler(r, steps, sampler, device, prompts)
+    if prompts is not None:
+        raise UserError(f"{recipe_path}: its teacher is not text-conditioned; drop --prompt/--prompts")
     teacher = load_teacher(r.teacher, seed=r.seed, device=device)
     den = teacher.denoiser
 
@@ -72,7 +79,12 @@ def sample_command(
 
     with distributed.session(device_name) as dist:
         if teacher_recipe is not None:
-            fn, info = teacher_sampler(teacher_recipe, steps, sampler, dist.device)
+            from ..conditioning import read_prompts
+
+            if prompt is not None and prompts_file is not None:
+                raise UserError("give --prompt or --prompts, not both")
+            text = [prompt] if prompt is not None else read_prompts(prompts_file, "--prompts") if prompts_file else None
+            fn, info = teacher_sampler(teacher_recipe, steps, sampler, dist.device, text)
             is_vector = len(info["img_shape"]) == 1
         else:
             if source is None:
@@ -161,4 +173,45 @@ def prompted_sampler(gen, cfg: dict, prompts: list[str], steps: int | None, devi
     info = {"img_shape": shape, "label_dim": 0, "data": {"kind": "image", "range": [-1.0, 1.0]},
             "steps": steps or gen.steps, "levels": gen.sampling_levels(steps), "sampler": gen.sampler,
             "weights": weights_digest(gen), "prompts": prompts}  # fmt: skip
+    return fn, info
+
+
+def _diffusers_teacher_sampler(r, steps, sampler, device, prompts) -> tuple[Callable, dict]:
+    """A diffusers teacher, guided as its recipe says, by EDM's Heun/Euler sampler over its own
+    noise range (default 18 steps); seed s draws its latent as a diffusers pipeline does."""
+    import tempfile
+
+    from ..solvers import edm_sampler
+    from ..teachers import load_teacher
+
+    if sampler == "ddpm":
+        raise UserError("--sampler ddpm is for the MNIST DDPM; a diffusers teacher takes heun or euler")
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = None
+        if prompts is not None:
+            prompt_file = Path(tmp) / "prompts.txt"
+            prompt_file.write_text("".join(p.replace("\n", " ") + "\n" for p in prompts))
+        try:
+            teacher = load_teacher(r.teacher, seed=r.seed, device=device, prompts=prompt_file)
+        except UserError as e:
+            if "data.prompts: this teacher is text-conditioned" in str(e):
+                raise UserError('a text-conditioned teacher: give --prompt "..." or --prompts FILE') from None
+            raise
+    den, decode, count = teacher.denoiser, teacher.decode, teacher.conditions.count
+    solver = "heun" if sampler == "auto" else sampler
+
+    def fn(seeds):
+        rng = PerSeedRandom(seeds, device, raw=True)
+        z = rng.randn(tuple(den.img_shape))
+        labels = teacher.conditions(torch.tensor([s % count for s in seeds], device=device)) if count else None
+        x = edm_sampler(den, z, labels, rng, num_steps=steps or 18, sigma_max=den.sigma_max, solver=solver)
+        return (decode(x.float()) if decode else x).float(), None
+
+    shape = list(den.img_shape)
+    if decode is not None:
+        with torch.no_grad():
+            shape = list(decode(torch.zeros(1, *den.img_shape, device=device)).shape[1:])
+    info = {"img_shape": shape, "label_dim": 0, "data": {"kind": "image", "range": [-1.0, 1.0]},
+            "teacher": teacher.source, "weights": weights_digest(den), "steps": steps or 18, "sampler": solver,
+            "guidance": teacher.extra.get("guidance"), "prompts": list(prompts) if prompts else None}  # fmt: skip
     return fn, info

@@ -133,6 +133,11 @@ class Method:
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         raise NotImplementedError
 
+    def shared_with_teacher(self) -> frozenset:
+        """data_ptrs of the frozen teacher tensors the trained networks hold as their own (LoRA
+        students' base): checkpoints leave them out, as the teacher brings them back."""
+        return frozenset()
+
     def initialize(self) -> None:
         raise NotImplementedError
 

@@ -26,10 +26,10 @@ from ..generator import OneStepGenerator, build_generator
 from ..memory import check_fits
 from ..networks import build_denoiser
 from ..networks.critic import FakeScoreCritic
-from ..networks.diffusers_nets import with_lora_keys
+from ..networks.diffusers_nets import share_frozen_base, with_lora_keys
 from ..networks.precond import Denoiser
 from ..precision import apply_policy, compile_for
-from ..rng import IterationDraws, PerSeedRandom
+from ..rng import IterationDraws, PerSeedRandom, derive_seed
 from ..storage import load_state_strict
 from ..teachers import Teacher
 from .base import Method, decay_factor, make_adam, no_sync, stats_of, wrap_ddp
@@ -44,9 +44,10 @@ def gan_stats(prefix: str, loss_name: str, loss, real_logits, fake_logits) -> di
     }
 
 
-def with_lora(overrides: dict, lora) -> dict:
-    """arch_overrides plus a LoRA spec (recipe.schema.LoRA), which diffusers networks take as arch_kwargs.lora."""
-    return {**overrides, "lora": lora.model_dump()} if lora is not None else dict(overrides)
+def with_lora(overrides: dict, lora, seed: int) -> dict:
+    """arch_overrides plus a LoRA spec (recipe.schema.LoRA), which diffusers networks take as
+    arch_kwargs.lora; `seed` fixes the adapters' random start."""
+    return {**overrides, "lora": {**lora.model_dump(), "seed": seed}} if lora is not None else dict(overrides)
 
 
 @dataclass
@@ -85,7 +86,8 @@ class DistillationMethod(Method):
         self.conditions = teacher.conditions
         prec = recipe.precision
         config = {**teacher.student_config}
-        gen_overrides = with_lora(recipe.generator.arch_overrides, recipe.generator.lora)
+        gen_overrides = with_lora(recipe.generator.arch_overrides, recipe.generator.lora,
+                                  derive_seed(recipe.seed, "lora/generator"))  # fmt: skip
         config["arch_kwargs"] = {**config.get("arch_kwargs", {}), **gen_overrides}
         # Before anything is allocated: the generator, its EMA and the critic, with the gradients and
         # two Adam moments of generator and critic (9 copies of a student's float32 weights).
@@ -99,6 +101,11 @@ class DistillationMethod(Method):
         self.generator: OneStepGenerator = gen.to(self.device).train()
         self.generator_ema: OneStepGenerator = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.fake = fake.to(self.device).train()
+        base = getattr(self.teacher, "base", self.teacher)  # (a guided teacher wraps the network)
+        shared = 0
+        for student in (self.generator, self.generator_ema, self.fake):  # LoRA: one frozen base, the teacher's
+            shared += share_frozen_base(getattr(student, "denoiser", student), base)
+        self._shared = frozenset(t.data_ptr() for t in base.parameters()) if shared else frozenset()
         o = recipe.optim
         trainable = [p for p in self.generator.parameters() if p.requires_grad]
         adamw = o.optimizer == "adamw"
@@ -127,7 +134,8 @@ class DistillationMethod(Method):
         """The second trained network (`self.fake`): here the fake score, a denoiser of the
         teacher's architecture (Moment Matching uses it as its auxiliary denoiser)."""
         cfg = dict(teacher.student_config)
-        overrides = with_lora(self.recipe.fake_score.arch_overrides, self.recipe.fake_score.lora)
+        overrides = with_lora(self.recipe.fake_score.arch_overrides, self.recipe.fake_score.lora,
+                              derive_seed(self.recipe.seed, "lora/fake"))  # fmt: skip
         if overrides:
             cfg["arch_kwargs"] = {**cfg.get("arch_kwargs", {}), **overrides}
         prec = self.recipe.precision
@@ -142,6 +150,9 @@ class DistillationMethod(Method):
 
     def optimizers(self):
         return {"generator": self.opt_gen, self.critic_name: self.opt_fake}
+
+    def shared_with_teacher(self) -> frozenset:
+        return self._shared
 
     def ema_pairs(self):
         return [(self.generator_ema, self.generator)]

@@ -106,9 +106,17 @@ ARCHS = {"diffusers-unet": DiffusersUNet, "diffusers-sd3": DiffusersSD3}
 def add_lora(model: nn.Module, lora: dict) -> None:
     """LoRA adapters (peft) on the named linear layers of every attention block; everything else frozen.
     B starts at zero, so a fresh adapter leaves the network's function unchanged."""
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # A's random start: a function of the recipe, not of the process
+        torch.manual_seed(int(lora.get("seed", 0)))
+        _add_adapter(model, lora)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+
+
+def _add_adapter(model: nn.Module, lora: dict) -> None:
     from peft import LoraConfig
 
-    model.requires_grad_(False)
     model.add_adapter(
         LoraConfig(
             r=int(lora["rank"]),
@@ -117,8 +125,6 @@ def add_lora(model: nn.Module, lora: dict) -> None:
             init_lora_weights=True,
         )
     )
-    for name, p in model.named_parameters():
-        p.requires_grad_(".lora_" in name)
 
 
 def with_lora_keys(own: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,6 +142,25 @@ def with_lora_keys(own: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) 
         elif k.replace(".base_layer.", ".") in base:
             out[k] = base[k.replace(".base_layer.", ".")]
     return out
+
+
+def share_frozen_base(target: nn.Module, source: nn.Module) -> int:
+    """Point every frozen base weight of a LoRA student (`target`) at the same tensor of the frozen
+    teacher (`source`, the same architecture without adapters), so that teacher, generator, its EMA
+    and the fake score hold one copy of the base between them. Safe because nothing writes to a
+    frozen base (loading a checkpoint writes the same values). Returns the number of tensors shared."""
+    if not any(".lora_" in k for k, _ in target.named_parameters()):
+        return 0
+    own = dict(source.named_parameters())
+    shared = 0
+    for name, p in list(target.named_parameters()):
+        src = own.get(name.replace(".base_layer.", "."))
+        if p.requires_grad or src is None or src.shape != p.shape or src is p:
+            continue
+        parent = target.get_submodule(name.rsplit(".", 1)[0])
+        parent._parameters[name.rsplit(".", 1)[1]] = src
+        shared += 1
+    return shared
 
 
 def merged_state(net: _DiffusersNet) -> dict[str, torch.Tensor]:
@@ -243,18 +268,19 @@ PRECONDS = {"diffusers-vp": DiffusersVPPrecond, "flow": FlowPrecond}
 
 
 def alphas_cumprod(steps: int, beta_start: float, beta_end: float, schedule: str) -> torch.Tensor:
-    """diffusers' alphas_cumprod (computed in float32 as its schedulers do), as float64."""
+    """diffusers' alphas_cumprod (computed in float32 as its schedulers do), as float64 (on the CPU,
+    also when networks are built on the meta device for an estimate)."""
     if schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float32)
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float32, device="cpu")
     elif schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float32) ** 2
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float32, device="cpu") ** 2
     elif schedule == "squaredcos_cap_v2":
 
         def f(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         betas = torch.tensor(
-            [min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)], dtype=torch.float32
+            [min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)], dtype=torch.float32, device="cpu"
         )
     else:
         raise ValueError(f"unsupported beta_schedule {schedule!r} (linear, scaled_linear, squaredcos_cap_v2)")

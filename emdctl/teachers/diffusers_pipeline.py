@@ -398,3 +398,71 @@ def decoder_from_info(info: dict) -> LatentDecoder | None:
     if info.get("kind") != "latent":
         return None
     return LatentDecoder(Path(info["pipeline"]), info.get("variant"))
+
+
+# -- offline description (memory estimates before a download) ----------------------------------------
+def offline_denoiser_config(spec) -> tuple[dict, str] | None:
+    """The student denoiser config of a diffusers teacher, from what is on disk without loading
+    weights: the pipeline directory, the Hugging Face cache, or (for the official pipelines the
+    recipes name) emdctl's table of their configs. None when none of these knows it."""
+    from .known_pipelines import KNOWN
+
+    root = None
+    if spec.path is not None and (Path(spec.path) / "model_index.json").is_file():
+        root = Path(spec.path) / (spec.subfolder or "")
+    elif spec.model_id is not None:
+        root = _cached_root(spec.model_id, spec.revision, spec.subfolder)
+    if root is not None:
+        name, class_name = _network_entry(root)
+        config = _read_json(root / name / "config.json", f"{name} config")
+        sched = _scheduler_config(root)
+        factor, where = _vae_scale_factor(root), str(root)
+        tok = root / "tokenizer" / "tokenizer_config.json"
+        seq = int(_read_json(tok, "tokenizer config").get("model_max_length", 77)) if tok.is_file() else 77
+        if seq > 10_000:
+            seq = 77
+        if class_name == "SD3Transformer2DModel":
+            cond = {
+                "seq_len": seq + 256,
+                "dim": config["joint_attention_dim"],
+                "pooled": config["pooled_projection_dim"],
+            }
+        else:
+            pooled = 0
+            if config.get("addition_embed_type") == "text_time":
+                pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            cond = {"seq_len": seq, "dim": config["cross_attention_dim"], "pooled": pooled}
+    elif spec.model_id in KNOWN:
+        known = KNOWN[spec.model_id]
+        class_name, config, cond = known["class"], dict(known["config"]), known["cond"]
+        sched, factor, where = known["scheduler"], known["vae_factor"], "emdctl's table of official pipelines"
+    else:
+        return None
+    size = config["sample_size"] if spec.resolution is None else spec.resolution // factor
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    width = cond["seq_len"] * cond["dim"] + cond.get("pooled", 0)
+    arch_kwargs = {"config": config, "cond": cond, "time_ids": None}
+    if class_name == "SD3Transformer2DModel":
+        den = {"precond": "flow", "precond_kwargs": {"num_train_timesteps": sched.get("num_train_timesteps", 1000)},
+               "arch": "diffusers-sd3"}  # fmt: skip
+    else:
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+        den = {"precond": "diffusers-vp", "precond_kwargs": {k: sched[k] for k in keys if k in sched},
+               "arch": "diffusers-unet"}  # fmt: skip
+        if config.get("addition_embed_type") == "text_time":
+            px = size * factor
+            arch_kwargs["time_ids"] = [px, px, 0, 0, px, px]
+    den.update({"img_shape": [config["in_channels"], size, size], "label_dim": width, "arch_kwargs": arch_kwargs})
+    return den, where
+
+
+def _cached_root(model_id: str, revision: str | None, subfolder: str | None) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(model_id, "model_index.json", revision=revision)
+    if not isinstance(found, str):
+        return None
+    root = Path(found).parent / (subfolder or "")
+    return root if any((root / n / "config.json").is_file() for n in ("unet", "transformer")) else None
