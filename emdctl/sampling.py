@@ -90,8 +90,8 @@ def generator_from_checkpoint(run_dir: Path, use_ema: bool = True) -> tuple[OneS
     gen = generator_from_config(cfg)
     prefix = "net.generator_ema" if use_ema else "net.generator"
     skip = frozenset()
-    own = [k for k in tensors if k.startswith(prefix + ".")]
-    if own and all(".lora_" in k for k in own if ".network.model." in k):
+    model = [k for k in tensors if k.startswith(prefix + ".") and ".network.model." in k]
+    if model and all(".lora_" in k for k in model):
         skip = _teacher_base_into(gen, cfg, run_dir)  # a LoRA run checkpoints the adapters alone
     restore_module(prefix, gen, tensors, str(run_dir), skip)
     refuse_nonfinite_weights(gen, run_dir)
