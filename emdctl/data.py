@@ -277,6 +277,38 @@ def detect_format(path: Path) -> str:
 FORMATS = {"edm-zip": EDMZipDataset, "folder": FolderDataset, "mnist": MNISTDataset, "npz": NpzDataset}
 
 
+def member_names(ds: ImageDataset) -> list[str] | None:
+    """Each image's name inside the dataset (a zip member, or a path relative to the folder), in
+    dataset order; None for formats without names (MNIST idx, npz)."""
+    if isinstance(ds, EDMZipDataset):
+        return list(ds.names[: len(ds)])
+    if isinstance(ds, FolderDataset):
+        return [f.relative_to(ds.path).as_posix() for f in ds.files[: len(ds)]]
+    return None
+
+
+def caption_indices(ds: ImageDataset, captions: Path, what: str = "method.data.captions") -> np.ndarray:
+    """For each image of `ds`, the line (0-based, blank lines skipped) of the captions JSONL naming it."""
+    names = member_names(ds)
+    if names is None:
+        raise UserError(f"{what}: {ds.path} has no file names to match captions to; use an image folder or zip")
+    table: dict[str, int] = {}
+    rows = [line for line in Path(captions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, line in enumerate(rows):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what}: {captions} line {i + 1}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file"), str):
+            raise UserError(f"{what}: {captions} line {i + 1}: needs a string field 'file'")
+        table[row["file"]] = i
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise UserError(f"{what}: {captions} has no caption for {len(missing)} of {len(names)} images "
+                        f"(first: {missing[0]})")  # fmt: skip
+    return np.asarray([table[n] for n in names], dtype=np.int64)
+
+
 def open_dataset(
     path: Path, fmt: str = "auto", use_labels: bool = True, max_images: int | None = None, resolution: int | None = None
 ) -> ImageDataset:

@@ -5,6 +5,7 @@ tiny random pipelines the tests build and save (tests/tiny_pipelines.py); nothin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,12 +219,37 @@ LORA = {
 }
 
 
+@pytest.fixture(scope="module")
+def captioned(sd, tmp_path_factory):
+    """A folder of 16x16 RGB images with a captions JSONL (the teacher's own samples: what `emdctl
+    sample --teacher ... --prompts` writes is such a dataset)."""
+    import yaml
+
+    from emdctl.commands.sample import sample_command
+
+    root = tmp_path_factory.mktemp("captioned")
+    f = root / "r.yaml"
+    f.write_text(yaml.safe_dump(recipe(sd["eps"], sd["prompts"])))
+    sample_command(source=None, teacher_recipe=f, seeds=list(range(8)), out_dir=root / "images", batch=8, steps=2,
+                   fmt="png", class_label=None, use_ema=True, sampler="auto", device_name="cpu",
+                   show_progress=False, prompts_file=sd["prompts"])  # fmt: skip
+    return {"path": str(root / "images"), "captions": str(root / "images" / "index.jsonl")}
+
+
+REAL_DATA = {"gdd", "sida", "dmd2"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["emd", "diff-instruct", "moment-matching", "sid"])
+@pytest.mark.parametrize("method", ["emd", "diff-instruct", "moment-matching", "sid", "gdd", "sida", "dmd2"])
 @pytest.mark.parametrize("lora", [False, True])
-def test_every_method_distills_a_guided_text_teacher(sd, tmp_path, method, lora):
+def test_every_method_distills_a_guided_text_teacher(sd, captioned, tmp_path, method, lora):
     extra = {"teacher": {"guidance": {"scale": 3.0}}, **(LORA if lora else {})}
-    r, summary = run(recipe(sd["eps"], sd["prompts"], method, **extra), tmp_path / "run")
+    if method == "gdd":  # (GDD's second network is its discriminator, not a denoiser)
+        extra.pop("fake_score", None)
+    r = recipe(sd["eps"], sd["prompts"], method, **extra)
+    if method in REAL_DATA:
+        r["method"]["data"] = captioned
+    r, summary = run(r, tmp_path / "run")
     assert summary["images"] == 16 and summary["nan_skipped"] == 0
     state, _ = CheckpointManager(tmp_path / "run").load()
     teacher = teacher_of(sd["eps"], sd["prompts"]).init_weights()
@@ -362,6 +388,46 @@ def test_sample_export_and_diffusion_pipeline_give_the_same_image(sd, tmp_path, 
         png = np.asarray(Image.open(out / f"{seeds[0] // 1000 * 1000:06d}" / f"{seeds[0]:06d}.png")) / 255
         assert np.abs(png - img).max() <= 1 / 255
         assert np.abs(png - before).max() > 4 / 255  # the student is not the teacher
+
+
+def test_real_images_are_vae_latents_with_their_own_captions(sd, captioned, tmp_path):
+    """A text teacher's real data: each image encoded to the mean of the VAE's posterior times the
+    scaling factor, conditioned on the embedding of its own caption (not a drawn prompt)."""
+    from diffusers import AutoencoderKL
+
+    from emdctl.data import open_dataset
+    from emdctl.distributed import DistContext
+    from emdctl.methods import build_method
+
+    r = recipe(sd["eps"], sd["prompts"], "dmd2")
+    r["method"]["data"] = captioned
+    r["batch"] = {"size": 8}
+    m = build_method(parse_recipe(r, "r"), DistContext(), teacher_of(sd["eps"], sd["prompts"]))
+    m.initialize()
+    it = int(torch.randint(0, 100, (1,), generator=fresh()))
+    ((latents, cond),) = m.real_batches(m.draws(it), it)
+    rows = [json.loads(x) for x in Path(captioned["captions"]).read_text().splitlines()]
+    vae = AutoencoderKL.from_pretrained(sd["eps"], subfolder="vae")
+    ds = open_dataset(Path(captioned["path"]))
+    from emdctl.data import to_model_range
+
+    images = torch.stack([to_model_range(torch.from_numpy(ds.image(i)).permute(2, 0, 1)) for i in range(len(ds))])
+    with torch.no_grad():
+        want = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+    table = m.real_conditions
+    for x, c in zip(latents, cond, strict=True):  # match each real row to its image, then to its caption
+        i = int((want - x).flatten(1).abs().amax(1).argmin())
+        assert torch.allclose(x, want[i], atol=1e-4)
+        assert torch.equal(c, table(torch.tensor([i]))[0])
+        assert table.prompts[i] == rows[i]["prompt"]
+    bad = tmp_path / "captions.jsonl"
+    bad.write_text(json.dumps({"file": "000000/000000.png", "prompt": "x"}) + "\n")
+    r["method"]["data"] = {**captioned, "captions": str(bad)}
+    with pytest.raises(UserError, match="has no caption for 7 of 8 images"):
+        build_method(parse_recipe(r, "r"), DistContext(), teacher_of(sd["eps"], sd["prompts"]))
+    r["method"]["data"] = {"path": captioned["path"]}
+    with pytest.raises(UserError, match="method.data.captions: the teacher is text-conditioned"):
+        build_method(parse_recipe(r, "r"), DistContext(), teacher_of(sd["eps"], sd["prompts"]))
 
 
 def test_export_and_sample_refuse_what_they_cannot_do(sd, tmp_path):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import diffusion
+from ..conditioning import ClassConditions
 from ..data import IterationLoader, open_dataset
 from ..errors import UserError
 from ..generator import OneStepGenerator, build_generator
@@ -231,14 +232,28 @@ class DistillationMethod(Method):
         """The real samples of method.data (a DataSpec), or for a mixture teacher (spec None) the mixture."""
         self.mixture = self.teacher_info.mixture
         self.loader = None
+        self.real_conditions = self.conditions
         if spec is None:
             return
         dataset = open_dataset(spec.path, spec.format, spec.labels, spec.max_images, spec.resolution)
-        if tuple(dataset.shape()) != self.img_shape:
+        pixels = self.teacher_info.pixel_shape
+        if tuple(dataset.shape()) != pixels:
             raise UserError(
-                f"method.data: {spec.path} holds {tuple(dataset.shape())} images, the teacher makes {self.img_shape}"
+                f"method.data: {spec.path} holds {tuple(dataset.shape())} images, the teacher makes {pixels}"
             )
-        if self.label_dim and (not spec.labels or dataset.labels is None):
+        if self.teacher_info.data is not None and self.conditions.count and not isinstance(self.conditions,
+                                                                                          ClassConditions):  # fmt: skip
+            # A text-conditioned teacher: each real image comes with its own caption, encoded like the prompts.
+            if spec.captions is None:
+                raise UserError("method.data.captions: the teacher is text-conditioned; give the images' captions "
+                                "(JSONL of {\"file\": ..., \"prompt\": ...})")  # fmt: skip
+            from ..data import caption_indices
+
+            dataset.labels = caption_indices(dataset, spec.captions)
+            self.real_conditions = self.teacher_info.caption_conditions(spec.captions)
+        elif spec.captions is not None:
+            raise UserError("method.data.captions: captions are for text-conditioned (diffusers) teachers; remove it")
+        elif self.label_dim and (not spec.labels or dataset.labels is None):
             raise UserError(
                 f"method.data: the teacher is class-conditional; {spec.path} needs labels (data.labels: true)"
             )
@@ -253,8 +268,9 @@ class DistillationMethod(Method):
         """(x, labels) of this rank's micro-batches of real data: drawn from the mixture itself, or
         the dataset's images in the order fixed by (seed, global sample number)."""
         if self.loader is not None:
+            encode = self.teacher_info.encode or (lambda x: x)  # latent teachers: real images through the VAE
             batches = self.loader.images(iteration, draws)
-            return [(x, self.conditions(y) if self.conditions.count else None) for x, y in batches]
+            return [(encode(x), self.real_conditions(y) if self.conditions.count else None) for x, y in batches]
         n, out = self.batching.global_size, []
         for rows in self.batching.micro_rows():
             u = draws.uniform("real/component", (n,), rows)

@@ -35,6 +35,9 @@ def _bottleneck(net: nn.Module) -> tuple[nn.Module, bool]:
         return net.b_mid, False
     if isinstance(net, MLP):
         return net.out, True
+    mid = getattr(getattr(net, "model", None), "mid_block", None)
+    if mid is not None:  # a diffusers UNet: its middle block (DMD2's classifier reads it there too)
+        return mid, False
     raise UserError(
         f"the fake score's network ({type(net).__name__}) has no encoder this method knows how to read "
         "(SongUNet, DhariwalUNet, Pulfer's U-Net, MLP)"

@@ -370,7 +370,9 @@ class DiffInstructSpec(PinnableSpec):
 
 
 class DataSpec(Strict):
-    """A dataset on disk (format detected from the path unless given)."""
+    """A dataset on disk (format detected from the path unless given). captions: for a
+    text-conditioned (diffusers) teacher, a JSONL of {"file": NAME, "prompt": TEXT}, NAME an image's
+    path inside the folder or zip (the index.jsonl `emdctl sample --prompts` writes has this form)."""
 
     path: Path
     format: Literal["auto", "edm-zip", "folder", "mnist", "npz"] = "auto"
@@ -378,6 +380,7 @@ class DataSpec(Strict):
     xflip: bool = False
     resolution: PositiveInt | None = None
     max_images: PositiveInt | None = None
+    captions: Path | None = None
 
 
 class MomentMatchingSpec(MethodSpecBase):

@@ -42,6 +42,21 @@ class Teacher:
     decode: Callable | None = None
     # What a generator's samples are (its config's `data`); None: images in [-1, 1] or vectors.
     data: dict | None = None
+    # Images in [-1, 1] -> latents (a latent teacher's VAE encoder), and the image shape it takes.
+    encode: Callable | None = None
+    pixels: tuple[int, ...] | None = None
+    # A captions JSONL -> the Conditions of its lines (text-conditioned teachers' real data).
+    captions: Callable | None = None
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """The shape of the teacher's images (of its latents' decoding, for a latent teacher)."""
+        return tuple(self.pixels) if self.pixels is not None else tuple(self.img_shape)
+
+    def caption_conditions(self, path: Path) -> Conditions:
+        if self.captions is None:
+            raise UserError("method.data.captions: this teacher takes no text")
+        return self.captions(path)
 
     def __post_init__(self):
         if self.conditions is None:
@@ -318,6 +333,22 @@ def load_diffusers_teacher(spec, device, prompts: Path | None, prompt_cache: Pat
     decoder = LatentDecoder(root, spec.variant) if (root / "vae").is_dir() else None
     data = decoder.info() if decoder else {"kind": "image", "range": [-1.0, 1.0]}
     data = {**data, "pipeline": str(root.resolve()), "variant": spec.variant}
+    pixels = None
+    if decoder is not None:
+        c, h, w = base.img_shape
+        f = decoder.scale_factor()
+        pixels = (3, h * f, w * f)
+
+    def captions(path: Path):
+        from ..hub import cache_dir
+
+        cache = (
+            cache_dir()
+            / "caption-embeddings"
+            / f"{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]}.safetensors"
+        )
+        return load_prompt_set(root, spec.variant, Path(path), cache, device, warn)[0]
+
     return Teacher(
         denoiser=den,
         source=f"diffusers:{spec.path or spec.model_id}",
@@ -327,6 +358,9 @@ def load_diffusers_teacher(spec, device, prompts: Path | None, prompt_cache: Pat
         conditions=conditions,
         decode=decoder,
         data=data,
+        encode=decoder.encode if decoder else None,
+        pixels=pixels,
+        captions=captions if conditions is not None else None,
     )
 
 

@@ -379,14 +379,33 @@ class LatentDecoder:
             "range": [-1.0, 1.0],
         }
 
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    def scale_factor(self) -> int:
+        return _vae_scale_factor(self.root)
+
+    def _vae(self, device):
         if self.vae is None:
             from diffusers import AutoencoderKL
 
-            self.vae = _load_component(AutoencoderKL, self.root, "vae", self.variant, "VAE").eval()
+            self.vae = (
+                _load_component(AutoencoderKL, self.root, "vae", self.variant, "VAE").eval().requires_grad_(False)
+            )
+        return self.vae.to(device)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        """Images in [-1, 1] -> latents: the mean of the VAE's posterior (deterministic), shifted
+        and scaled as the pipeline scales its latents."""
+        info, vae = self.info(), self._vae(images.device)
+        out = []
+        for chunk in images.split(batch):
+            mean = vae.encode(chunk.to(vae.dtype), return_dict=False)[0].mean
+            out.append((mean.float() - info["shift_factor"]) * info["scaling_factor"])
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
         info = self.info()
-        vae = self.vae.to(latents.device)
+        vae = self._vae(latents.device)
         out = []
         for chunk in latents.split(batch):
             z = chunk.to(vae.dtype) / info["scaling_factor"] + info["shift_factor"]
