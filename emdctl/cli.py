@@ -254,7 +254,7 @@ def teacher_convert(
 @teacher_app.command("train")
 @handles_errors
 def teacher_train(
-    recipe: Annotated[Path, typer.Argument(help="A teacher-train recipe (kind: teacher-train).")],
+    recipe: Annotated[Path, typer.Argument(help="A teacher recipe (kind: teacher-train or teacher-train-text).")],
     set_: SetOpt = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: RUNS_ROOT/<recipe name>).")] = None,
     runs_root: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
@@ -262,13 +262,14 @@ def teacher_train(
     force: Annotated[bool, typer.Option(help="Move an existing run with another recipe aside and start over.")] = False,
     threads: RunThreadsOpt = None,
 ):
-    """Train an EDM-style teacher on a dataset (EDM loss, log-normal sigma, EMA, auto-resume)."""
+    """Train a teacher on a dataset: EDM-style (teacher-train), or a text-conditioned diffusers
+    pipeline from a labelled dataset (teacher-train-text); EMA, auto-resume."""
     n_threads = _threads(threads)
     from .commands.distill import run_recipe
     from .recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    if r.kind != "teacher-train":
+    if r.kind not in ("teacher-train", "teacher-train-text"):
         raise UserError(f"{recipe}: kind is {r.kind!r}; use `emdctl distill` for distillation recipes")
     run_recipe(r, run_dir=run_dir, runs_root=runs_root, resume=resume, force=force, console=err, threads=n_threads)
 
@@ -661,6 +662,31 @@ def evaluate_clip(
     result = clip_command(samples=samples, clip=clip, n=n, device=device, json_out=json_out)
     out.print(f"CLIP score {result['clip_score']:.3f} (sd {result['clip_score_sd']:.3f}) over {result['n']} images "
               f"of {result['prompts']} prompts; model {clip}")  # fmt: skip
+
+
+@evaluate_app.command("adherence")
+@handles_errors
+def evaluate_adherence(
+    samples: Annotated[
+        Path, typer.Argument(help="A sample folder of `emdctl sample --prompt/--prompts` (index.jsonl).")
+    ],
+    prompts_json: Annotated[
+        Path, typer.Option("--prompts-json", help="The teacher's prompts.json (class -> phrasings).")
+    ],
+    features: Annotated[Path, typer.Option(help="A classifier feature file (`emdctl evaluate train-features`).")],
+    device: DeviceOpt = Device.auto,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result here.")] = None,
+):
+    """Prompt adherence: the share of images the classifier assigns to the class their prompt names."""
+    _new_file(json_out, "--json")
+    from .distributed import resolve_device
+    from .evaluation.adherence import adherence_of_folder
+    from .storage import atomic_write_json
+
+    result = adherence_of_folder(samples, prompts_json, features, resolve_device(device))
+    if json_out is not None:
+        atomic_write_json(json_out, result)
+    out.print(f"prompt adherence {result['adherence']:.3f} (se {result['adherence_se']:.3f}) over {result['n']} images")
 
 
 @evaluate_app.command("stats")

@@ -27,6 +27,10 @@ def build_method(recipe, dist, teacher=None):
         from .edm_training import EDMTeacherTraining
 
         return EDMTeacherTraining(recipe, dist)
+    if recipe.kind == "teacher-train-text":
+        from .text_teacher_training import TextTeacherTraining
+
+        return TextTeacherTraining(recipe, dist)
     return DISTILLATION_METHODS[recipe.method.name](recipe, teacher, dist)
 
 

@@ -815,5 +815,79 @@ class TeacherTrainRecipe(_RunCommon):
         return self
 
 
-Recipe = DistillRecipe | TeacherTrainRecipe
-RECIPE_KINDS: dict[str, type[BaseModel]] = {"distill": DistillRecipe, "teacher-train": TeacherTrainRecipe}
+class TextEncoderSpec(Strict):
+    """The text teacher's encoder: a small CLIP text transformer over a character vocabulary,
+    randomly initialized from the recipe's seed and frozen (the UNet learns to read it)."""
+
+    hidden: Width = 32
+    layers: Annotated[int, Field(gt=0, le=24)] = 2
+    heads: Annotated[int, Field(gt=0, le=64)] = 2
+    max_tokens: Annotated[int, Field(ge=8, le=77)] = 32
+
+
+class DiffusersUNetSpec(Strict):
+    """A diffusers UNet2DConditionModel (its constructor's names); in/out channels and sample size
+    come from the data, cross_attention_dim from the text encoder."""
+
+    block_out_channels: list[Width] = Field(default_factory=lambda: [32, 64, 64], min_length=1, max_length=6)
+    down_block_types: list[str] = Field(
+        default_factory=lambda: ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    )
+    up_block_types: list[str] = Field(default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+    layers_per_block: Annotated[int, Field(gt=0, le=8)] = 1
+    attention_head_dim: Annotated[int, Field(gt=0, le=512)] = 8
+    norm_num_groups: Annotated[int, Field(gt=0, le=64)] = 8
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"down_block_types and up_block_types need one entry per block_out_channels ({n})")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"every block_out_channels entry must be a multiple of norm_num_groups ({self.norm_num_groups})"
+            )
+        return self
+
+
+class DDPMSchedule(Strict):
+    """The discrete noise schedule the text teacher is trained on (diffusers' names)."""
+
+    num_train_timesteps: Annotated[int, Field(ge=10, le=10_000)] = 1000
+    beta_start: PositiveFloat = 1e-4
+    beta_end: PositiveFloat = 0.02
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+
+
+class TextTeacherTrainRecipe(_RunCommon):
+    """A text-conditioned diffusers teacher trained from a labelled dataset: each image's prompt
+    is one of its class's phrasings (drawn per sample), replaced by the empty prompt with
+    probability prompt_dropout (for classifier-free guidance). Epsilon loss at uniform timesteps,
+    as diffusers trains. Saved as a diffusers pipeline directory (RUN/teacher)."""
+
+    kind: Literal["teacher-train-text"]
+    data: DataSpec
+    prompts: dict[int, list[str]] | None = None  # class -> phrasings; default: emdctl's MNIST phrasings
+    prompt_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    text_encoder: TextEncoderSpec = TextEncoderSpec()
+    unet: DiffusersUNetSpec = DiffusersUNetSpec()
+    schedule: DDPMSchedule = DDPMSchedule()
+    optim: TeacherOptim = TeacherOptim()
+
+    @model_validator(mode="after")
+    def _labelled(self):
+        if not self.data.labels:
+            raise ValueError("data.labels: a text teacher learns each class's phrasings; the dataset needs labels")
+        if self.prompts is not None and any(not v or any(not p.strip() for p in v) for v in self.prompts.values()):
+            raise ValueError("prompts: every class needs at least one non-empty phrasing")
+        if self.logging.eval_every:
+            raise ValueError(_NO_PERIODIC_EVAL)
+        return self
+
+
+Recipe = DistillRecipe | TeacherTrainRecipe | TextTeacherTrainRecipe
+RECIPE_KINDS: dict[str, type[BaseModel]] = {
+    "distill": DistillRecipe,
+    "teacher-train": TeacherTrainRecipe,
+    "teacher-train-text": TextTeacherTrainRecipe,
+}
