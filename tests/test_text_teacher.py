@@ -152,3 +152,40 @@ def test_prompt_adherence_of_perfect_and_shuffled_sets(shared_data, tmp_path):
     assert perfect["adherence"] > min(0.8, info["held_out_accuracy"] - 0.08) and shuffled["adherence"] < 0.1
     with pytest.raises(UserError, match="not in the teacher's prompts"):
         adherence(images[:2], ["a cat", "a dog"], classes, net, meta)
+
+
+@pytest.mark.slow
+def test_text_loop_end_to_end_on_a_tiny_budget(shared_data, tmp_path):
+    """Train a tiny text teacher, then the whole loop at two guidance scales, two methods, two seeds:
+    every model has every quantity, per seed; the teacher's samples at w are the FD reference."""
+    import yaml
+
+    from emdctl.commands.demo_text import demo_text_loop
+    from emdctl.evaluation.classifier import train_feature_net
+
+    teacher_recipe = tmp_path / "teacher.yaml"
+    teacher_recipe.write_text(yaml.safe_dump(text_recipe(shared_data)))
+    distill = tmp_path / "distill.yaml"
+    distill.write_text(yaml.safe_dump({
+        "kind": "distill", "name": "d", "device": "cpu", "teacher": {"kind": "diffusers", "path": "unused"},
+        "generator": {"sigma_init": 2.5}, "method": {"name": "emd", "langevin": {"steps": 2}},
+        "batch": {"size": 8}, "duration": 16, "logging": {"every": 8, "grid_every": 16, "grid_size": 10},
+        "checkpoint": {"every": 16}}))  # fmt: skip
+    features = tmp_path / "f.safetensors"
+    train_feature_net(shared_data / "mnist", features, epochs=1, max_images=1000, log=lambda m: None)
+    results = demo_text_loop(distill, shared_data / "mnist", tmp_path / "loop", guidance=(1.0, 2.0),
+                             seeds=(0, 1), budget=16, n=40, teacher_steps=2, teacher_train=teacher_recipe,
+                             features=features, device="cpu")  # fmt: skip
+    assert set(results) == {"1", "2"}
+    for w, per_w in results.items():
+        assert list(per_w) == ["teacher (2 steps)", "initial generator (1 step)", "EMD (1 step)",
+                               "Diff-Instruct (1 step)"]  # fmt: skip
+        for label, res in per_w.items():
+            assert 0 <= res["adherence"] <= 1 and res["FD to real"] > 0
+            assert len(res["adherence per seed"]) == (2 if "(1 step)" in label and "initial" not in label else 1)
+        assert per_w["teacher (2 steps)"]["FD to teacher"] == pytest.approx(0, abs=1e-6)
+        assert (tmp_path / "loop" / f"w{w}" / "grids.png").is_file()
+    # the teacher is guided as asked: w 1 and w 2 give other samples from the same seeds
+    assert results["1"]["teacher (2 steps)"]["FD to real"] != results["2"]["teacher (2 steps)"]["FD to real"]
+    summary = json.loads((tmp_path / "loop" / "summary.json").read_text())
+    assert summary["guidance"] == [1.0, 2.0] and summary["seeds"] == [0, 1]
