@@ -4,7 +4,6 @@ an SD3 transformer with a few channels, and a small AutoencoderKL."""
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
@@ -16,14 +15,9 @@ MAX_TOKENS = 12
 
 def write_tokenizer_files(d: Path) -> tuple[Path, Path]:
     """A character-level CLIP BPE vocabulary (no merges): every word is split into its letters."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-    for c in CHARS:
-        vocab[c + "</w>"] = len(vocab)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
+    from emdctl.methods.text_teacher_training import write_char_vocab
+
+    write_char_vocab(d, "".join(CHARS))
     return d / "vocab.json", d / "merges.txt"
 
 

@@ -23,6 +23,7 @@ from ..data import IterationLoader, open_dataset
 from ..errors import UserError
 from ..memory import check_fits
 from ..networks import build_denoiser, preset_config
+from ..networks.precond import Denoiser
 from ..precision import apply_policy, compile_for
 from ..rng import PerSeedRandom, derive_seed
 from ..solvers import edm_sampler
@@ -30,7 +31,64 @@ from ..teachers import save_pretrained_denoiser
 from .base import Method, make_adam, no_sync, stats_of, wrap_ddp
 
 
-class EDMTeacherTraining(Method):
+class TeacherTraining(Method):
+    """What every teacher training shares: one network and its EMA, DDP, Adam with a warm-up counted
+    in images, the dataset in the order fixed by (seed, sample number). Subclasses build the network
+    (`start`) and define the loss (`train_step`)."""
+
+    def start(self, net: Denoiser, dataset) -> None:
+        r, prec = self.recipe, self.recipe.precision
+        apply_policy(net, prec.dtype, prec.channels_last, prec.checkpointing)
+        self.net = net.to(self.device).train()
+        self.net_ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.net_ddp = wrap_ddp(self.net, self.dist)
+        self.net_fn = compile_for(self.net_ddp, prec, self.device)
+        o = r.optim
+        self.opt = make_adam(self.net.parameters(), o.lr, o.betas, o.eps, 0.0, self.device)
+        self.loader = IterationLoader(dataset, r.seed, self.batching, self.device, r.data.xflip, "data/xflip")
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net, "net_ema": self.net_ema}
+
+    def optimizers(self):
+        return {"net": self.opt}
+
+    def ema_pairs(self):
+        return [(self.net_ema, self.net)]
+
+    def initialize(self) -> None:
+        pass  # fresh weights: the architecture's own initialization, seeded when built
+
+    def set_learning_rate(self, iteration: int) -> None:
+        o = self.recipe.optim
+        images = iteration * self.recipe.batch.size
+        lr = o.lr * min(images / max(o.warmup, 1e-8), 1.0) if o.warmup else o.lr
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def denoising_step(self, iteration: int, noise_inputs) -> dict[str, torch.Tensor]:
+        """One optimizer step of sum_i w(sigma_i) ||D(x0_i + sigma_i n_i; sigma_i, c_i) - x0_i||^2 over
+        this rank's micro-batches; noise_inputs(draws, x0, y, rows) -> (sigma, noise, conditioning)."""
+        self.set_learning_rate(iteration)
+        draws = self.draws(iteration)
+        loss_sum = torch.zeros((), device=self.device)
+        rows_list = self.batching.micro_rows()
+        for m, (rows, (x0, y)) in enumerate(zip(rows_list, self.loader.images(iteration, draws), strict=True)):
+            sigma, noise, cond = noise_inputs(draws, x0, y, rows)
+            with no_sync(self.net_ddp, m == len(rows_list) - 1):
+                d = self.net_fn(x0 + sigma[:, None, None, None] * noise, sigma, cond)
+                per_sample = self.net.dsm_weight(sigma) * (d - x0).square().flatten(1).sum(1)
+                loss = per_sample.sum() / self.batching.local_size
+                loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            self.last_diagnostics = {"stage": "teacher", "sigma": stats_of(sigma), "x0": stats_of(x0), "d": stats_of(d)}
+        # nan_to_num on gradients, as EDM does, is deliberately absent: non-finite values stop the run.
+        out = self.optimizer_step("net", self.opt, self.net.parameters(), self.recipe.optim.grad_clip, loss_sum)
+        out["loss/net"] = out["loss/net"] / math.prod(self.img_shape)
+        return out
+
+
+class EDMTeacherTraining(TeacherTraining):
     name = "edm-teacher"
 
     def __init__(self, recipe, dist):
@@ -53,56 +111,22 @@ class EDMTeacherTraining(Method):
             net = build_denoiser(cfg)
         except (TypeError, ValueError) as e:
             raise UserError(f"network: cannot build {net_cfg.arch} for {self.img_shape} images ({e})") from None
-        apply_policy(net, prec.dtype, prec.channels_last, prec.checkpointing)
-        self.net = net.to(self.device).train()
-        self.net_ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.net_ddp = wrap_ddp(self.net, dist)
-        self.net_fn = compile_for(self.net_ddp, prec, self.device)
-        o = recipe.optim
-        self.opt = make_adam(self.net.parameters(), o.lr, o.betas, o.eps, 0.0, self.device)
-        self.loader = IterationLoader(self.dataset, recipe.seed, self.batching, self.device, d.xflip, "data/xflip")
-
-    # -- trainer interface ---------------------------------------------------------------------------
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net, "net_ema": self.net_ema}
-
-    def optimizers(self):
-        return {"net": self.opt}
-
-    def ema_pairs(self):
-        return [(self.net_ema, self.net)]
+        self.start(net, self.dataset)
 
     def configs(self) -> dict:
         return {"net": self.net.config(), "dataset": str(self.recipe.data.path)}
 
-    def initialize(self) -> None:
-        pass  # fresh weights: the architecture's own initialization, seeded in __init__
-
     def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
+        """EDM's loss: ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma)."""
         r = self.recipe
-        draws = self.draws(iteration)
-        images = iteration * r.batch.size
-        lr = r.optim.lr * min(images / max(r.optim.warmup, 1e-8), 1.0) if r.optim.warmup else r.optim.lr
-        for g in self.opt.param_groups:
-            g["lr"] = lr
         n, shape = self.batching.global_size, (self.batching.global_size, *self.img_shape)
-        loss_sum = torch.zeros((), device=self.device)
-        rows_list = self.batching.micro_rows()
-        for m, (rows, (x0, y)) in enumerate(zip(rows_list, self.loader.images(iteration, draws), strict=True)):
+
+        def inputs(draws, x0, y, rows):
             labels = torch.nn.functional.one_hot(y, self.label_dim).float() if self.label_dim else None
             sigma = (draws.normal("edm/sigma", (n,), rows) * r.loss.p_std + r.loss.p_mean).exp()
-            noise = draws.normal("edm/noise", shape, rows)
-            with no_sync(self.net_ddp, m == len(rows_list) - 1):
-                d = self.net_fn(x0 + sigma[:, None, None, None] * noise, sigma, labels)
-                per_sample = self.net.dsm_weight(sigma) * (d - x0).square().flatten(1).sum(1)
-                loss = per_sample.sum() / self.batching.local_size
-                loss.backward()
-            loss_sum = loss_sum + loss.detach()
-            self.last_diagnostics = {"stage": "teacher", "sigma": stats_of(sigma), "x0": stats_of(x0), "d": stats_of(d)}
-        # nan_to_num on gradients, as EDM does, is deliberately absent: non-finite values stop the run.
-        out = self.optimizer_step("net", self.opt, self.net.parameters(), r.optim.grad_clip, loss_sum)
-        out["loss/net"] = out["loss/net"] / math.prod(self.img_shape)
-        return out
+            return sigma, draws.normal("edm/noise", shape, rows), labels
+
+        return self.denoising_step(iteration, inputs)
 
     # -- outputs ---------------------------------------------------------------------------------------
     @torch.no_grad()

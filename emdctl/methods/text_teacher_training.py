@@ -14,20 +14,16 @@ beside it, which `teacher.kind: diffusers` reads like any other pipeline.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..data import IterationLoader, open_dataset
+from ..data import open_dataset
 from ..errors import UserError
 from ..networks.diffusers_nets import DiffusersUNet, DiffusersVPPrecond, require_diffusers
-from ..precision import apply_policy, compile_for
 from ..rng import derive_seed
-from .base import Method, make_adam, no_sync, stats_of, wrap_ddp
+from .edm_training import TeacherTraining
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Four phrasings per digit, written here (issue 38): a word form, a numeral form and two sentences.
@@ -42,19 +38,26 @@ def class_prompts(recipe) -> dict[int, list[str]]:
     return {int(k): list(v) for k, v in (recipe.prompts or MNIST_PROMPTS).items()}
 
 
-def build_text_encoder(spec, seed: int, directory: Path):
-    """(tokenizer, frozen CLIPTextModel): a character-level BPE vocabulary (no merges) written to
-    `directory`, and a text transformer initialized from `seed`."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
+def write_char_vocab(directory: Path, chars: str) -> dict[str, int]:
+    """A character-level CLIP BPE vocabulary (no merges: every word is split into its characters,
+    the last marked end-of-word) as vocab.json and merges.txt in `directory`."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in VOCAB_CHARS:
+    for c in chars:
         vocab[c] = len(vocab)
-    for c in VOCAB_CHARS:
+    for c in chars:
         vocab[c + "</w>"] = len(vocab)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n")
+    return vocab
+
+
+def build_text_encoder(spec, seed: int, directory: Path):
+    """(tokenizer, frozen CLIPTextModel): a character-level vocabulary written to `directory`, and a
+    text transformer initialized from `seed`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = write_char_vocab(directory, VOCAB_CHARS)
     tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
                               model_max_length=spec.max_tokens)  # fmt: skip
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=4 * spec.hidden,
@@ -75,7 +78,7 @@ def encode_texts(tokenizer, encoder, texts: list[str]) -> torch.Tensor:
     return encoder(ids)[0]
 
 
-class TextTeacherTraining(Method):
+class TextTeacherTraining(TeacherTraining):
     name = "text-teacher"
 
     def __init__(self, recipe, dist):
@@ -124,31 +127,10 @@ class TextTeacherTraining(Method):
         den = DiffusersVPPrecond(net, self.img_shape, self.table.shape[1], s.num_train_timesteps, s.beta_start,
                                  s.beta_end, s.beta_schedule, "epsilon", sigma_data=0.5)  # fmt: skip
         den.arch = {"arch": "diffusers-unet", "arch_kwargs": {"config": config, "cond": cond, "time_ids": None}}
-        prec = recipe.precision
-        apply_policy(den, prec.dtype, prec.channels_last, prec.checkpointing)
-        self.net = den.to(self.device).train()
-        self.net_ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.net_ddp = wrap_ddp(self.net, dist)
-        self.net_fn = compile_for(self.net_ddp, prec, self.device)
-        o = recipe.optim
-        self.opt = make_adam(self.net.parameters(), o.lr, o.betas, o.eps, 0.0, self.device)
-        self.loader = IterationLoader(self.dataset, recipe.seed, self.batching, self.device, d.xflip, "data/xflip")
-
-    # -- trainer interface ---------------------------------------------------------------------------
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net, "net_ema": self.net_ema}
-
-    def optimizers(self):
-        return {"net": self.opt}
-
-    def ema_pairs(self):
-        return [(self.net_ema, self.net)]
+        self.start(den, self.dataset)
 
     def configs(self) -> dict:
         return {"net": self.net.config(), "dataset": str(self.recipe.data.path), "prompts": self.prompts_by_class}
-
-    def initialize(self) -> None:
-        pass  # fresh weights, seeded in __init__
 
     def captions(self, draws, y: torch.Tensor, rows: slice) -> torch.Tensor:
         """Per sample: the table row of one of its class's phrasings, or (with probability
@@ -161,31 +143,15 @@ class TextTeacherTraining(Method):
         return torch.where(drop, torch.full_like(idx, len(self.prompt_list)), idx)
 
     def train_step(self, iteration: int) -> dict[str, torch.Tensor]:
-        r = self.recipe
-        draws = self.draws(iteration)
-        images = iteration * r.batch.size
-        lr = r.optim.lr * min(images / max(r.optim.warmup, 1e-8), 1.0) if r.optim.warmup else r.optim.lr
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        """Epsilon loss at uniform integer timesteps, as diffusers trains: (1 / sigma^2) ||D - x0||^2."""
         n, shape = self.batching.global_size, (self.batching.global_size, *self.img_shape)
         grid = self.net.grid.to(self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        rows_list = self.batching.micro_rows()
-        for m, (rows, (x0, y)) in enumerate(zip(rows_list, self.loader.images(iteration, draws), strict=True)):
-            labels = self.table[self.captions(draws, y, rows)]
-            t = draws.integers("ddpm/t", len(grid), n, rows)  # uniform timesteps, as diffusers trains
-            sigma = grid[t].float()
-            noise = draws.normal("ddpm/noise", shape, rows)
-            with no_sync(self.net_ddp, m == len(rows_list) - 1):
-                d = self.net_fn(x0 + sigma[:, None, None, None] * noise, sigma, labels)
-                per_sample = self.net.dsm_weight(sigma) * (d - x0).square().flatten(1).sum(1)
-                loss = per_sample.sum() / self.batching.local_size
-                loss.backward()
-            loss_sum = loss_sum + loss.detach()
-            self.last_diagnostics = {"stage": "teacher", "sigma": stats_of(sigma), "x0": stats_of(x0), "d": stats_of(d)}
-        out = self.optimizer_step("net", self.opt, self.net.parameters(), r.optim.grad_clip, loss_sum)
-        out["loss/net"] = out["loss/net"] / math.prod(self.img_shape)
-        return out
+
+        def inputs(draws, x0, y, rows):
+            t = draws.integers("ddpm/t", len(grid), n, rows)
+            return grid[t].float(), draws.normal("ddpm/noise", shape, rows), self.table[self.captions(draws, y, rows)]
+
+        return self.denoising_step(iteration, inputs)
 
     # -- outputs ---------------------------------------------------------------------------------------
     @torch.no_grad()
