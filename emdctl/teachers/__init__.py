@@ -321,7 +321,6 @@ def load_diffusers_teacher(spec, device, prompts: Path | None, prompt_cache: Pat
     elif prompts is not None:
         raise UserError(f"data.prompts: {root} has no text encoder; remove data.prompts")
     base = load_pipeline_denoiser(root, spec.variant, spec.resolution, layout).to(device).eval().requires_grad_(False)
-    weights = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
     student_config = copy.deepcopy(base.config())
     den, extra = base, {}
     g = spec.guidance
@@ -353,7 +352,8 @@ def load_diffusers_teacher(spec, device, prompts: Path | None, prompt_cache: Pat
         denoiser=den,
         source=f"diffusers:{spec.path or spec.model_id}",
         student_config=student_config,
-        init_weights=lambda: {k: v.clone() for k, v in weights.items()},
+        # The frozen teacher itself, copied when asked (no standing copy of a multi-GB network).
+        init_weights=lambda: {k: v.detach().cpu().clone() for k, v in base.state_dict().items()},
         extra=extra,
         conditions=conditions,
         decode=decoder,
