@@ -58,24 +58,33 @@ def read_prompts(path: Path, what: str = "data.prompts") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: {path}: no such prompt file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{what}: {path}: not UTF-8 text") from None
-    prompts = []
     if path.suffix.lower() == ".jsonl":
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{what}: {path} line {i}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise UserError(f"{what}: {path} line {i}: needs a string field 'prompt'")
-            prompts.append(row["prompt"])
+        prompts = jsonl_strings(path, "prompt", what)
     else:
-        prompts = [line.strip() for line in lines if line.strip()]
+        prompts = [line.strip() for line in _text_lines(path, what) if line.strip()]
     if not prompts:
         raise UserError(f"{what}: {path} holds no prompts (one per line, or JSONL with a 'prompt' field)")
     return prompts
+
+
+def jsonl_strings(path: Path, field: str, what: str) -> list[str]:
+    """The string `field` of every non-blank line of a JSONL file, in order (errors name the line)."""
+    out = []
+    for i, line in enumerate(_text_lines(Path(path), what), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what}: {path} line {i}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise UserError(f"{what}: {path} line {i}: needs a string field '{field}'")
+        out.append(row[field])
+    return out
+
+
+def _text_lines(path: Path, what: str) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{what}: {path}: not UTF-8 text") from None

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .conditioning import jsonl_strings
 from .errors import UserError
 from .rng import derive_seed
 
@@ -292,16 +293,7 @@ def caption_indices(ds: ImageDataset, captions: Path, what: str = "method.data.c
     names = member_names(ds)
     if names is None:
         raise UserError(f"{what}: {ds.path} has no file names to match captions to; use an image folder or zip")
-    table: dict[str, int] = {}
-    rows = [line for line in Path(captions).read_text(encoding="utf-8").splitlines() if line.strip()]
-    for i, line in enumerate(rows):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{what}: {captions} line {i + 1}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file"), str):
-            raise UserError(f"{what}: {captions} line {i + 1}: needs a string field 'file'")
-        table[row["file"]] = i
+    table = {name: i for i, name in enumerate(jsonl_strings(Path(captions), "file", what))}
     missing = [n for n in names if n not in table]
     if missing:
         raise UserError(f"{what}: {captions} has no caption for {len(missing)} of {len(names)} images "

@@ -62,8 +62,7 @@ def export_diffusers(gen, cfg: dict, out: Path, lora_file: bool = False) -> dict
             shutil.copytree(root / name, out / name)
     index = json.loads((root / "model_index.json").read_text())
     unet = diffusers.UNet2DConditionModel.from_config(dict(net.model.config))
-    missing, unexpected = unet.load_state_dict(merged_state(net), strict=True), None
-    del missing, unexpected
+    unet.load_state_dict(merged_state(net), strict=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     pk = gen.denoiser.precond_kwargs()
     scheduler = diffusers.EulerDiscreteScheduler(

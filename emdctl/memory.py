@@ -44,8 +44,8 @@ def activation_bytes(config: dict, micro_batch: int, dtype: str = "fp32", checkp
 
         def hook(mod, inp, out):
             nonlocal total, block_io
-            outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)] \
-                if isinstance(out, tuple) else []  # fmt: skip
+            # (a diffusers block may return a tuple of tensors)
+            outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor)]
             if outs:
                 n = sum(o.numel() for o in outs) * elem
                 if isinstance(mod, UNetBlock) or type(mod).__name__ in CHECKPOINTED_BLOCKS:
@@ -166,10 +166,9 @@ def recipe_estimate(recipe) -> str | None:
         trained = adapters.get(name, params)
         static += trained * copies + trained * 3  # the copies (adapters alone for LoRA), gradient, two moments
     static *= 4
-    prec = recipe.precision
-    act = activation_bytes(config, recipe.batch.micro or recipe.batch.size, prec.dtype, prec.checkpointing) or 0
+    prec, micro = recipe.precision, recipe.batch.micro or recipe.batch.size
+    act = activation_bytes(config, micro, prec.dtype, prec.checkpointing) or 0
     act *= getattr(DISTILLATION_METHODS[recipe.method.name], "networks_in_backward", 1)
-    micro = recipe.batch.micro or recipe.batch.size
     how = prec.dtype + (", checkpointed" if prec.checkpointing else "")
     text = (
         f"memory estimate: {params / 1e6:,.0f}M parameters per network ({where}); networks + optimizer states "

@@ -90,8 +90,7 @@ def generator_from_checkpoint(run_dir: Path, use_ema: bool = True) -> tuple[OneS
     gen = generator_from_config(cfg)
     prefix = "net.generator_ema" if use_ema else "net.generator"
     skip = frozenset()
-    model = [k for k in tensors if k.startswith(prefix + ".") and ".network.model." in k]
-    if model and all(".lora_" in k for k in model):
+    if cfg["denoiser"].get("arch_kwargs", {}).get("lora"):
         skip = _teacher_base_into(gen, cfg, run_dir)  # a LoRA run checkpoints the adapters alone
     restore_module(prefix, gen, tensors, str(run_dir), skip)
     refuse_nonfinite_weights(gen, run_dir)

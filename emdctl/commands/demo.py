@@ -344,6 +344,41 @@ def _paired_trace(out: Path, seeds: list[int], steps: int, console: Console, ref
     }
 
 
+def loop_inputs(out: Path, data: Path, distill_recipe: Path) -> dict:
+    """The quality loops' inputs, checked before anything runs: the output folder (made), the real
+    data (it must exist) and the distillation recipe as plain data."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not Path(data).exists():
+        raise UserError(f"{data}: no such dataset (the real, labelled images for the feature space)")
+    base = read_yaml(distill_recipe)
+    if not isinstance(base, dict):
+        raise UserError(f"{distill_recipe}: not a distillation recipe")
+    return base
+
+
+def train_teacher_first(teacher_train: Path, out: Path, console: Console, kind: str | None = None) -> Path:
+    """Train the teacher of `teacher_train` into OUT/teacher-train (resumes); its exported teacher.
+    `kind`: the recipe kind the loop needs (None: any teacher recipe)."""
+    t = parse_recipe(read_yaml(teacher_train), str(teacher_train))
+    if kind is not None and t.kind != kind:
+        raise UserError(f"{teacher_train}: this loop's teacher comes from a {kind} recipe (not {t.kind})")
+    console.print(f"[bold]teacher[/]: training {t.duration:,} images ({teacher_train})", highlight=False)
+    run_recipe(t, run_dir=out / "teacher-train", console=console)
+    return out / "teacher-train" / "teacher"
+
+
+def save_initial_generator(teacher, r, init_dir: Path, data: dict, extra: dict | None = None) -> Path:
+    """The generator before training (the teacher's network at sigma*), saved once: a row of the loops' tables."""
+    from ..generator import build_generator
+    from ..storage import load_state_strict
+
+    if not (init_dir / "config.json").exists():
+        gen = build_generator(teacher.student_config, r.generator.sigma_star, r.generator.arch_overrides)
+        load_state_strict(gen.denoiser, teacher.init_weights(), "teacher")
+        gen.save_pretrained(init_dir, data, extra)
+    return init_dir
+
+
 LOOP_LABELS = {"emd": "EMD", "diff-instruct": "Diff-Instruct", "sid": "SiD", "sida": "SiDA", "dmd2": "DMD2",
                "gdd": "GDD", "moment-matching": "Moment Matching"}  # fmt: skip
 
@@ -373,25 +408,15 @@ def demo_loop(
     from ..evaluation.classifier import train_feature_net
     from ..evaluation.fidelity import compute_metrics, open_feature_space, reference_from_features
     from ..evaluation.stats import images_of, pixel_statistics
-    from ..generator import build_generator
     from ..plots import save_image_grid
-    from ..storage import load_state_strict
     from ..teachers import load_teacher
     from .sample import sample_command
 
     console = console or Console(stderr=True)
     dev = resolve_device(device)
-    out.mkdir(parents=True, exist_ok=True)
-    if not Path(data).exists():
-        raise UserError(f"{data}: no such dataset (the real, labelled images for the feature space)")
-    base = read_yaml(distill_recipe)
-    if not isinstance(base, dict):
-        raise UserError(f"{distill_recipe}: not a distillation recipe")
+    base = loop_inputs(out, data, distill_recipe)
     if teacher_train is not None:
-        t = parse_recipe(read_yaml(teacher_train), str(teacher_train))
-        console.print(f"[bold]teacher[/]: training {t.duration:,} images ({teacher_train})", highlight=False)
-        run_recipe(t, run_dir=out / "teacher-train", console=console)
-        base["teacher"] = {"kind": "pretrained", "path": str(out / "teacher-train" / "teacher")}
+        base["teacher"] = {"kind": "pretrained", "path": str(train_teacher_first(teacher_train, out, console))}
     recipe_file = out / "distill-recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(base, sort_keys=False))
     # A bad recipe or a missing teacher fails here, not after minutes of feature training.
@@ -402,12 +427,7 @@ def demo_loop(
         base, budget or r.duration, r.method.langevin.steps if r.method.name == "emd" else 8, methods, real
     )
     checked = {name: parse_recipe({**v, "name": f"demo-{name}"}, f"demo ({name})") for name, v in variants.items()}
-    init_dir = out / "initial-generator"
-    if not (init_dir / "config.json").exists():
-        gen = build_generator(teacher.student_config, r.generator.sigma_star, r.generator.arch_overrides)
-        load_state_strict(gen.denoiser, teacher.init_weights(), "teacher")
-        gen.save_pretrained(init_dir, {"kind": "image", "range": [-1.0, 1.0]})
-        del gen
+    init_dir = save_initial_generator(teacher, r, out / "initial-generator", {"kind": "image", "range": [-1.0, 1.0]})
     del teacher  # the sampler and the trainer load their own
 
     features = features or out / "features.safetensors"

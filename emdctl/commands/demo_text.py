@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
-from ..recipe import parse_recipe, read_yaml
+from ..recipe import parse_recipe
 from ..storage import atomic_write_json
-from .demo import LOOP_LABELS, _side_by_side, _variants
+from .demo import LOOP_LABELS, _side_by_side, _variants, loop_inputs, save_initial_generator, train_teacher_first
 from .distill import run_recipe
 
 QUANTITIES = ("adherence", "FD to teacher", "FD to real", "recall to real")
@@ -52,32 +52,16 @@ def demo_text_loop(
     from ..evaluation.clip import read_sample_folder
     from ..evaluation.fidelity import compute_metrics, open_feature_space, reference_from_features
     from ..evaluation.stats import images_of
-    from ..generator import build_generator
-    from ..networks.diffusers_nets import with_lora_keys
-    from ..storage import load_state_strict
     from ..teachers import recipe_teacher
     from .sample import sample_command
 
     console = console or Console(stderr=True)
     dev = resolve_device(device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not Path(data).exists():
-        raise UserError(f"{data}: no such dataset (the real, labelled images for the feature space)")
-    base = read_yaml(distill_recipe)
-    if not isinstance(base, dict):
-        raise UserError(f"{distill_recipe}: not a distillation recipe")
+    base = loop_inputs(out, data, distill_recipe)
     if teacher_train is not None:
-        t = parse_recipe(read_yaml(teacher_train), str(teacher_train))
-        if t.kind != "teacher-train-text":
-            raise UserError(f"{teacher_train}: a text-loop teacher comes from a teacher-train-text recipe")
-        console.print(f"[bold]teacher[/]: training {t.duration:,} images ({teacher_train})", highlight=False)
-        run_recipe(t, run_dir=out / "teacher-train", console=console)
-        base["teacher"] = {
-            **base.get("teacher", {}),
-            "kind": "diffusers",
-            "path": str(out / "teacher-train" / "teacher"),
-        }
+        trained = train_teacher_first(teacher_train, out, console, "teacher-train-text")
+        base["teacher"] = {**base.get("teacher", {}), "kind": "diffusers", "path": str(trained)}
     teacher_dir = Path(base.get("teacher", {}).get("path") or "")
     prompts_txt, prompts_json = teacher_dir / "prompts.txt", teacher_dir / "prompts.json"
     if base.get("teacher", {}).get("kind") != "diffusers" or not prompts_json.is_file():
@@ -104,17 +88,15 @@ def demo_text_loop(
     def sample(source=None, recipe_file=None, folder=None, steps=None):
         sample_command(source=source, teacher_recipe=recipe_file, seeds=seed_list, out_dir=folder, batch=256,
                        steps=steps, fmt="png", class_label=None, use_ema=True, sampler="auto", device_name=device,
-                       show_progress=False, prompts_file=prompts_txt)  # fmt: skip
+                       show_progress=True, prompts_file=prompts_txt)  # fmt: skip
         return folder
 
     # The initial generator (the teacher's network at sigma*): what guidance w does not change.
     init_dir = out / "initial-generator"
     if not (init_dir / "config.json").exists():
         teacher = recipe_teacher(r, "cpu", out, warn=lambda m: None)
-        gen = build_generator(teacher.student_config, r.generator.sigma_star, r.generator.arch_overrides)
-        load_state_strict(gen.denoiser, with_lora_keys(gen.denoiser.state_dict(), teacher.init_weights()), "teacher")
-        gen.save_pretrained(init_dir, teacher.data, {"teacher": teacher.describe()})
-        del teacher, gen
+        save_initial_generator(teacher, r, init_dir, teacher.data, {"teacher": teacher.describe()})
+        del teacher
     folders: dict[float, dict[str, list[Path]]] = {}
     for w in guidance:
         wdir = out / f"w{w:g}"
@@ -139,17 +121,22 @@ def demo_text_loop(
                 rows.setdefault(label, []).append(sample(source=run_dir, folder=run_dir / "samples"))
         folders[w] = rows
 
+    measured: dict[Path, tuple] = {}  # each folder read and featurized once (the initial generator's serves every w)
+
+    def read(path: Path):
+        if path not in measured:
+            imgs, texts = read_sample_folder(path)
+            measured[path] = (imgs, texts, space.extract_batched(_nchw(imgs)))
+        return measured[path]
+
     results: dict[str, dict] = {}
     for w, rows in folders.items():
-        teacher_imgs = _nchw(read_sample_folder(next(iter(rows.values()))[0])[0])
-        ref_teacher = reference_from_features(space.extract_batched(teacher_imgs), space, {})
+        ref_teacher = reference_from_features(read(next(iter(rows.values()))[0])[2], space, {})
         results[f"{w:g}"] = per_w = {}
         for label, paths in rows.items():
             per_seed = []
             for path in paths:
-                imgs, texts = read_sample_folder(path)
-                x = _nchw(imgs)
-                feats = space.extract_batched(x)
+                imgs, texts, feats = read(path)
                 per_seed.append({
                     "adherence": adherence(imgs, texts, classes, net, meta, dev)["adherence"],
                     "FD to teacher": compute_metrics(["fid"], feats, ref_teacher, space)["fd"],
@@ -157,7 +144,8 @@ def demo_text_loop(
                     "recall to real": compute_metrics(["prc"], feats, ref_real, space)["recall"],
                 })  # fmt: skip
             per_w[label] = _summarize(per_seed)
-            _class_grid(path_list=paths, classes=classes, out=out / f"w{w:g}" / f"grid-{_slug(label)}.png")
+            imgs, texts, _ = read(paths[0])
+            _class_grid(imgs, texts, classes, out / f"w{w:g}" / f"grid-{_slug(label)}.png")
         _side_by_side([out / f"w{w:g}" / f"grid-{_slug(label)}.png" for label in rows], out / f"w{w:g}" / "grids.png")
     _print_tables(results, console, budget, n, len(seeds), space.label)
     atomic_write_json(out / "summary.json", {
@@ -186,12 +174,10 @@ def _summarize(per_seed: list[dict]) -> dict:
     return out
 
 
-def _class_grid(path_list: list[Path], classes: dict[str, int], out: Path, per_class: int = 8) -> None:
-    """One row per class: the first images (of the first seed's folder) prompted with that class."""
-    from ..evaluation.clip import read_sample_folder
+def _class_grid(imgs: torch.Tensor, texts: list[str], classes: dict[str, int], out: Path, per_class: int = 8) -> None:
+    """One row per class: the first images (uint8 NHWC, of the first seed's folder) prompted with that class."""
     from ..plots import save_image_grid
 
-    imgs, texts = read_sample_folder(path_list[0])
     rows = []
     for c in sorted(set(classes.values())):
         pick = [i for i, t in enumerate(texts) if classes.get(t) == c][:per_class]

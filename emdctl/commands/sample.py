@@ -95,28 +95,26 @@ def sample_command(
             if text is not None:
                 fn, info = prompted_sampler(gen, cfg, text, steps, dist.device)
                 info = {**info, "generator": str(source), "ema": use_ema}
-                with torch.no_grad(), cpu_threads(threads, False, dist.device):
-                    summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
-                                           show_progress and dist.is_main, dist.barrier, keep_float, force)  # fmt: skip
-                return {**summary, "source": str(source)}
-            if class_label is not None and not (0 <= class_label < gen.label_dim):
-                raise UserError(f"class label {class_label}: the generator has {gen.label_dim} classes")
-            if keep_float and not isinstance(gen, OneStepGenerator):
-                raise UserError(f"keeping float images: {source} is an ONNX/TorchScript export (quantized output)")
-            fn = generator_sampler(gen, steps, class_label, dist.device)
-            is_vector = len(gen.img_shape) == 1
-            info = {
-                "img_shape": list(gen.img_shape),
-                "label_dim": gen.label_dim,
-                "data": cfg.get("data", {}),
-                "generator": str(source),
-                "steps": steps or gen.steps,
-                "levels": gen.sampling_levels(steps),
-                "sampler": gen.sampler,
-                "ema": use_ema,
-                "class": class_label,
-                "weights": weights_digest(gen) if isinstance(gen, OneStepGenerator) else cfg.get("file_sha256"),
-            }
+                is_vector = False
+            else:
+                if class_label is not None and not (0 <= class_label < gen.label_dim):
+                    raise UserError(f"class label {class_label}: the generator has {gen.label_dim} classes")
+                if keep_float and not isinstance(gen, OneStepGenerator):
+                    raise UserError(f"keeping float images: {source} is an ONNX/TorchScript export (quantized output)")
+                fn = generator_sampler(gen, steps, class_label, dist.device)
+                is_vector = len(gen.img_shape) == 1
+                info = {
+                    "img_shape": list(gen.img_shape),
+                    "label_dim": gen.label_dim,
+                    "data": cfg.get("data", {}),
+                    "generator": str(source),
+                    "steps": steps or gen.steps,
+                    "levels": gen.sampling_levels(steps),
+                    "sampler": gen.sampler,
+                    "ema": use_ema,
+                    "class": class_label,
+                    "weights": weights_digest(gen) if isinstance(gen, OneStepGenerator) else cfg.get("file_sha256"),
+                }
         with torch.no_grad(), cpu_threads(threads, is_vector, dist.device):
             summary = run_sampling(fn, info, seeds, out_dir, batch, fmt, dist.rank, dist.world_size,
                                    show_progress and dist.is_main, dist.barrier, keep_float, force)  # fmt: skip
@@ -166,10 +164,7 @@ def prompted_sampler(gen, cfg: dict, prompts: list[str], steps: int | None, devi
             raise UserError(f"the generator gives non-finite samples (seeds {seeds[0]}-{seeds[-1]}): it diverged")
         return (decode(x) if decode else x).float(), None
 
-    shape = list(gen.img_shape)
-    if decode is not None:
-        with torch.no_grad():
-            shape = list(fn([0])[0].shape[1:])
+    shape = list(decode.image_shape(gen.img_shape) if decode else gen.img_shape)
     info = {"img_shape": shape, "label_dim": 0, "data": {"kind": "image", "range": [-1.0, 1.0]},
             "steps": steps or gen.steps, "levels": gen.sampling_levels(steps), "sampler": gen.sampler,
             "weights": weights_digest(gen), "prompts": prompts}  # fmt: skip
@@ -207,10 +202,7 @@ def _diffusers_teacher_sampler(r, steps, sampler, device, prompts) -> tuple[Call
         x = edm_sampler(den, z, labels, rng, num_steps=steps or 18, sigma_max=den.sigma_max, solver=solver)
         return (decode(x.float()) if decode else x).float(), None
 
-    shape = list(den.img_shape)
-    if decode is not None:
-        with torch.no_grad():
-            shape = list(decode(torch.zeros(1, *den.img_shape, device=device)).shape[1:])
+    shape = list(teacher.pixel_shape)
     info = {"img_shape": shape, "label_dim": 0, "data": {"kind": "image", "range": [-1.0, 1.0]},
             "teacher": teacher.source, "weights": weights_digest(den), "steps": steps or 18, "sampler": solver,
             "guidance": teacher.extra.get("guidance"), "prompts": list(prompts) if prompts else None}  # fmt: skip

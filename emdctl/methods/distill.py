@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .. import diffusion
-from ..conditioning import ClassConditions
 from ..data import IterationLoader, open_dataset
 from ..errors import UserError
 from ..generator import OneStepGenerator, build_generator
@@ -241,8 +240,7 @@ class DistillationMethod(Method):
             raise UserError(
                 f"method.data: {spec.path} holds {tuple(dataset.shape())} images, the teacher makes {pixels}"
             )
-        if self.teacher_info.data is not None and self.conditions.count and not isinstance(self.conditions,
-                                                                                          ClassConditions):  # fmt: skip
+        if self.teacher_info.captions is not None:
             # A text-conditioned teacher: each real image comes with its own caption, encoded like the prompts.
             if spec.captions is None:
                 raise UserError("method.data.captions: the teacher is text-conditioned; give the images' captions "

@@ -15,6 +15,7 @@ beside it, which `teacher.kind: diffusers` reads like any other pipeline.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -96,20 +97,18 @@ class TextTeacherTraining(TeacherTraining):
             raise UserError(f"prompts: no phrasing for class {missing[0]} of {d.path}")
         # Prompt table: every phrasing of every class, then the empty prompt (the unconditional row).
         self.prompt_list = [p for c in sorted(self.prompts_by_class) for p in self.prompts_by_class[c]]
+        # phrasing[c, j]: the table row of class c's j-th phrasing (-1 past its last); phrasings[c]: how many.
         width = max(len(v) for v in self.prompts_by_class.values())
         self.phrasing = torch.full((max(self.prompts_by_class) + 1, width), -1, dtype=torch.long)
-        self.phrasings = torch.zeros(max(self.prompts_by_class) + 1, dtype=torch.long)
-        i = 0
+        first = 0
         for c in sorted(self.prompts_by_class):
             k = len(self.prompts_by_class[c])
-            self.phrasing[c, :k] = torch.arange(i, i + k)
-            self.phrasings[c] = k
-            i += k
-        import tempfile
-
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tokenizer, self.text_encoder = build_text_encoder(recipe.text_encoder, derive_seed(recipe.seed, "text"),
-                                                               Path(self._tmp.name))  # fmt: skip
+            self.phrasing[c, :k] = torch.arange(first, first + k)
+            first += k
+        self.phrasings = (self.phrasing >= 0).sum(1)
+        with tempfile.TemporaryDirectory() as tmp:  # the tokenizer reads its files when made
+            seed = derive_seed(recipe.seed, "text")
+            self.tokenizer, self.text_encoder = build_text_encoder(recipe.text_encoder, seed, Path(tmp))
         emb = encode_texts(self.tokenizer, self.text_encoder, [*self.prompt_list, ""])
         self.table = emb.flatten(1).to(self.device)  # [P + 1, L * D]; the last row is the empty prompt
         cond = {"seq_len": emb.shape[1], "dim": emb.shape[2], "pooled": 0}
@@ -170,7 +169,7 @@ class TextTeacherTraining(TeacherTraining):
         guided = GuidedDenoiser(self.net_ema, self.table[-1], 2.0, None)
         x = edm_sampler(guided, z, self.table[idx], rng, num_steps=18, sigma_max=self.net_ema.sigma_max,
                         dtype=torch.float32)  # fmt: skip
-        save_image_grid(x, path)
+        save_image_grid(x, path, nrow=per)
 
     def export(self, directory: Path, use_ema: bool = True) -> Path:
         """A diffusers pipeline directory: the UNet, the text encoder and its tokenizer, a scheduler

@@ -106,25 +106,15 @@ ARCHS = {"diffusers-unet": DiffusersUNet, "diffusers-sd3": DiffusersSD3}
 def add_lora(model: nn.Module, lora: dict) -> None:
     """LoRA adapters (peft) on the named linear layers of every attention block; everything else frozen.
     B starts at zero, so a fresh adapter leaves the network's function unchanged."""
+    from peft import LoraConfig
+
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # A's random start: a function of the recipe, not of the process
         torch.manual_seed(int(lora.get("seed", 0)))
-        _add_adapter(model, lora)
+        model.add_adapter(LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]),
+                                     target_modules=list(lora["targets"]), init_lora_weights=True))  # fmt: skip
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
-
-
-def _add_adapter(model: nn.Module, lora: dict) -> None:
-    from peft import LoraConfig
-
-    model.add_adapter(
-        LoraConfig(
-            r=int(lora["rank"]),
-            lora_alpha=float(lora["alpha"]),
-            target_modules=list(lora["targets"]),
-            init_lora_weights=True,
-        )
-    )
 
 
 def with_lora_keys(own: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -332,11 +332,7 @@ def load_diffusers_teacher(spec, device, prompts: Path | None, prompt_cache: Pat
     decoder = LatentDecoder(root, spec.variant) if (root / "vae").is_dir() else None
     data = decoder.info() if decoder else {"kind": "image", "range": [-1.0, 1.0]}
     data = {**data, "pipeline": str(root.resolve()), "variant": spec.variant}
-    pixels = None
-    if decoder is not None:
-        c, h, w = base.img_shape
-        f = decoder.scale_factor()
-        pixels = (3, h * f, w * f)
+    pixels = decoder.image_shape(base.img_shape) if decoder is not None else None
 
     def captions(path: Path):
         from ..hub import cache_dir

@@ -21,14 +21,7 @@ import torch
 
 from ..conditioning import PromptConditions, read_prompts
 from ..errors import UserError
-from ..networks.diffusers_nets import (
-    DiffusersSD3,
-    DiffusersUNet,
-    DiffusersVPPrecond,
-    FlowPrecond,
-    cond_width,
-    require_diffusers,
-)
+from ..networks.diffusers_nets import ARCHS, PRECONDS, cond_width, require_diffusers
 from ..networks.precond import Denoiser
 
 HEAVY = ("unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder")
@@ -136,7 +129,6 @@ def load_pipeline_denoiser(root: Path, variant: str | None, resolution: int | No
         variant,
         f"{name} ({class_name})",
     )
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     c = model.config
     size = int(c.sample_size if not isinstance(c.sample_size, list | tuple) else c.sample_size[0])
     vae_factor = _vae_scale_factor(root)
@@ -144,8 +136,6 @@ def load_pipeline_denoiser(root: Path, variant: str | None, resolution: int | No
         if resolution % vae_factor:
             raise UserError(f"teacher.resolution: {resolution} is not a multiple of the VAE's factor {vae_factor}")
         size = resolution // vae_factor
-    img_shape = (int(c.in_channels), size, size)
-    cond = cond or {"seq_len": 0, "dim": 0}
     if class_name == "UNet2DConditionModel":
         if sched_class not in VP_SCHEDULERS:
             raise UserError(
@@ -157,37 +147,50 @@ def load_pipeline_denoiser(root: Path, variant: str | None, resolution: int | No
                 f"{root}/scheduler: trained_betas / rescale_betas_zero_snr are not supported "
                 "(zero terminal SNR has no finite EDM sigma)"
             )
-        time_ids = None
-        if getattr(c, "addition_embed_type", None) == "text_time":
-            px = size * vae_factor
-            time_ids = [px, px, 0, 0, px, px]  # original size, crop top-left, target size (SDXL)
-        net = DiffusersUNet(config, cond, None, time_ids, model=model)
-        pk = {k: sched[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in sched}
-        pk["prediction_type"] = sched.get("prediction_type", "epsilon")
-        if pk["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
+        prediction = sched.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction", "sample"):
             raise UserError(
-                f"{root}/scheduler: prediction_type {pk['prediction_type']!r} is not supported "
-                "(epsilon, v_prediction, sample)"
+                f"{root}/scheduler: prediction_type {prediction!r} is not supported (epsilon, v_prediction, sample)"
             )
-        try:
-            den = DiffusersVPPrecond(net, img_shape, cond_width(cond), sigma_data=_sigma_data(root), **pk)
-        except ValueError as e:
-            raise UserError(f"{root}/scheduler: {e}") from None
-        den.arch = {"arch": "diffusers-unet", "arch_kwargs": {"config": config, "cond": cond, "time_ids": time_ids}}
     elif class_name == "SD3Transformer2DModel":
         if sched_class not in FLOW_SCHEDULERS:
             raise UserError(
                 f"{root}/scheduler: scheduler {sched_class} is not supported for a flow transformer "
                 f"(supported: {', '.join(sorted(FLOW_SCHEDULERS))})"
             )
-        net = DiffusersSD3(config, cond, None, None, model=model)
-        den = FlowPrecond(
-            net, img_shape, cond_width(cond), int(sched.get("num_train_timesteps", 1000)), _sigma_data(root)
-        )
-        den.arch = {"arch": "diffusers-sd3", "arch_kwargs": {"config": config, "cond": cond, "time_ids": None}}
     else:
         _unsupported(root, class_name)
+    cfg = denoiser_config(class_name, dict(c), sched, size, vae_factor, cond or {"seq_len": 0, "dim": 0},
+                          _sigma_data(root))  # fmt: skip
+    net = ARCHS[cfg["arch"]](**cfg["arch_kwargs"], model=model)
+    try:
+        den = PRECONDS[cfg["precond"]](net, tuple(cfg["img_shape"]), cfg["label_dim"], **cfg["precond_kwargs"])
+    except ValueError as e:
+        raise UserError(f"{root}/scheduler: {e}") from None
+    den.arch = {"arch": cfg["arch"], "arch_kwargs": cfg["arch_kwargs"]}
     return den
+
+
+def denoiser_config(class_name: str, config: dict, sched: dict, size: int, vae_factor: int, cond: dict,
+                    sigma_data: float) -> dict:  # fmt: skip
+    """The emdctl denoiser config (build_denoiser's) of a diffusers network, from its config.json,
+    the scheduler config, the latent size and the conditioning layout: what the teacher is loaded
+    as, and what `recipe show` estimates from before anything is downloaded."""
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    arch_kwargs = {"config": config, "cond": cond, "time_ids": None}
+    if class_name == "SD3Transformer2DModel":
+        precond, arch = "flow", "diffusers-sd3"
+        pk = {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000))}
+    else:
+        precond, arch = "diffusers-vp", "diffusers-unet"
+        pk = {k: sched[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in sched}
+        pk["prediction_type"] = sched.get("prediction_type", "epsilon")
+        if config.get("addition_embed_type") == "text_time":
+            px = size * vae_factor
+            arch_kwargs["time_ids"] = [px, px, 0, 0, px, px]  # original size, crop top-left, target size (SDXL)
+    return {"precond": precond, "precond_kwargs": {**pk, "sigma_data": sigma_data},
+            "img_shape": [int(config["in_channels"]), size, size], "label_dim": cond_width(cond), "arch": arch,
+            "arch_kwargs": arch_kwargs}  # fmt: skip
 
 
 def _unsupported(root: Path, class_name: str):
@@ -257,20 +260,24 @@ def encode_prompts(root: Path, variant: str | None, prompts: list[str], device, 
                 f"data.prompts: {long} of {len(prompts)} prompts are longer than the tokenizer's {limit} tokens "
                 "and are truncated, as the pipeline truncates them"
             )
+    from ..progress import Progress
+
     rows, uncond, layout = [], None, None
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        hidden, neg, pooled, neg_pooled = _encode(pipe, chunk, device)
-        flat = [hidden.flatten(1)] + ([pooled] if pooled is not None else [])
-        rows.append(torch.cat(flat, 1).float().cpu())
-        if uncond is None:
-            parts = [neg[:1].flatten(1)] + ([neg_pooled[:1]] if neg_pooled is not None else [])
-            uncond = torch.cat(parts, 1).float().cpu()[0]
-            layout = {
-                "seq_len": hidden.shape[1],
-                "dim": hidden.shape[2],
-                "pooled": 0 if pooled is None else pooled.shape[1],
-            }
+    with Progress(len(prompts), "encoding prompts", "prompts", enabled=len(prompts) > batch) as progress:
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i : i + batch]
+            hidden, neg, pooled, neg_pooled = _encode(pipe, chunk, device)
+            flat = [hidden.flatten(1)] + ([pooled] if pooled is not None else [])
+            rows.append(torch.cat(flat, 1).float().cpu())
+            if uncond is None:
+                parts = [neg[:1].flatten(1)] + ([neg_pooled[:1]] if neg_pooled is not None else [])
+                uncond = torch.cat(parts, 1).float().cpu()[0]
+                layout = {
+                    "seq_len": hidden.shape[1],
+                    "dim": hidden.shape[2],
+                    "pooled": 0 if pooled is None else pooled.shape[1],
+                }
+            progress.advance(len(chunk))
     return torch.cat(rows), uncond, layout
 
 
@@ -367,9 +374,10 @@ class LatentDecoder:
 
     def __init__(self, root: Path, variant: str | None):
         self.root, self.variant, self.vae = Path(root), variant, None
+        self.config = _vae_config(self.root) or {}  # read once: encode/decode run every iteration
 
     def info(self) -> dict:
-        cfg = _vae_config(self.root) or {}
+        cfg = self.config
         return {
             "kind": "latent",
             "pipeline": str(self.root.resolve()),
@@ -379,8 +387,10 @@ class LatentDecoder:
             "range": [-1.0, 1.0],
         }
 
-    def scale_factor(self) -> int:
-        return _vae_scale_factor(self.root)
+    def image_shape(self, latent_shape) -> tuple[int, int, int]:
+        """The shape of the images that latents of `latent_shape` (C, H, W) decode to."""
+        f = 2 ** (len(self.config.get("block_out_channels", [0])) - 1)
+        return (int(self.config.get("out_channels", 3)), latent_shape[-2] * f, latent_shape[-1] * f)
 
     def _vae(self, device):
         if self.vae is None:
@@ -395,7 +405,7 @@ class LatentDecoder:
     def encode(self, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
         """Images in [-1, 1] -> latents: the mean of the VAE's posterior (deterministic), shifted
         and scaled as the pipeline scales its latents."""
-        info, vae = self.info(), self._vae(images.device)
+        info, vae = self.info(), self._vae(images.device)  # (info: no I/O)
         out = []
         for chunk in images.split(batch):
             mean = vae.encode(chunk.to(vae.dtype), return_dict=False)[0].mean
@@ -435,7 +445,7 @@ def offline_denoiser_config(spec) -> tuple[dict, str] | None:
         name, class_name = _network_entry(root)
         config = _read_json(root / name / "config.json", f"{name} config")
         sched = _scheduler_config(root)
-        factor, where = _vae_scale_factor(root), str(root)
+        factor, where, sigma_data = _vae_scale_factor(root), str(root), _sigma_data(root)
         tok = root / "tokenizer" / "tokenizer_config.json"
         seq = int(_read_json(tok, "tokenizer config").get("model_max_length", 77)) if tok.is_file() else 77
         if seq > 10_000:
@@ -455,24 +465,11 @@ def offline_denoiser_config(spec) -> tuple[dict, str] | None:
         known = KNOWN[spec.model_id]
         class_name, config, cond = known["class"], dict(known["config"]), known["cond"]
         sched, factor, where = known["scheduler"], known["vae_factor"], "emdctl's table of official pipelines"
+        sigma_data = 1.0  # (all latent pipelines)
     else:
         return None
     size = config["sample_size"] if spec.resolution is None else spec.resolution // factor
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    width = cond["seq_len"] * cond["dim"] + cond.get("pooled", 0)
-    arch_kwargs = {"config": config, "cond": cond, "time_ids": None}
-    if class_name == "SD3Transformer2DModel":
-        den = {"precond": "flow", "precond_kwargs": {"num_train_timesteps": sched.get("num_train_timesteps", 1000)},
-               "arch": "diffusers-sd3"}  # fmt: skip
-    else:
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-        den = {"precond": "diffusers-vp", "precond_kwargs": {k: sched[k] for k in keys if k in sched},
-               "arch": "diffusers-unet"}  # fmt: skip
-        if config.get("addition_embed_type") == "text_time":
-            px = size * factor
-            arch_kwargs["time_ids"] = [px, px, 0, 0, px, px]
-    den.update({"img_shape": [config["in_channels"], size, size], "label_dim": width, "arch_kwargs": arch_kwargs})
-    return den, where
+    return denoiser_config(class_name, config, sched, size, factor, cond, sigma_data), where
 
 
 def _cached_root(model_id: str, revision: str | None, subfolder: str | None) -> Path | None:
