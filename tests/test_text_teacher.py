@@ -189,3 +189,17 @@ def test_text_loop_end_to_end_on_a_tiny_budget(shared_data, tmp_path):
     assert results["1"]["teacher (2 steps)"]["FD to real"] != results["2"]["teacher (2 steps)"]["FD to real"]
     summary = json.loads((tmp_path / "loop" / "summary.json").read_text())
     assert summary["guidance"] == [1.0, 2.0] and summary["seeds"] == [0, 1]
+    assert all(summary["teacher_split_half_fd"][w] > 0 for w in ("1", "2"))  # two halves of samples differ
+
+
+def test_split_half_fd_against_a_constructed_shift():
+    """Odd seeds = even seeds + c: equal covariances, so the FD is exactly |c|^2."""
+    from types import SimpleNamespace
+
+    from emdctl.commands.demo_text import _split_half_fd
+
+    space = SimpleNamespace(distance_layer="f", ident="test")
+    x = torch.randn(300, 6, dtype=torch.float64)
+    c = torch.randn(6, dtype=torch.float64)
+    both = torch.stack([x, x + c], 1).reshape(600, 6)  # rows alternate: even = x, odd = x + c
+    assert _split_half_fd({"f": both}, space) == pytest.approx(float(c @ c), rel=1e-6, abs=1e-8)

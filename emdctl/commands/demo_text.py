@@ -130,8 +130,11 @@ def demo_text_loop(
         return measured[path]
 
     results: dict[str, dict] = {}
+    floors: dict[str, float] = {}
     for w, rows in folders.items():
-        ref_teacher = reference_from_features(read(next(iter(rows.values()))[0])[2], space, {})
+        teacher_feats = read(next(iter(rows.values()))[0])[2]
+        ref_teacher = reference_from_features(teacher_feats, space, {})
+        floors[f"{w:g}"] = _split_half_fd(teacher_feats, space)
         results[f"{w:g}"] = per_w = {}
         for label, paths in rows.items():
             per_seed = []
@@ -147,13 +150,24 @@ def demo_text_loop(
             imgs, texts, _ = read(paths[0])
             _class_grid(imgs, texts, classes, out / f"w{w:g}" / f"grid-{_slug(label)}.png")
         _side_by_side([out / f"w{w:g}" / f"grid-{_slug(label)}.png" for label in rows], out / f"w{w:g}" / "grids.png")
-    _print_tables(results, console, budget, n, len(seeds), space.label)
+    _print_tables(results, floors, console, budget, n, len(seeds), space.label)
     atomic_write_json(out / "summary.json", {
         "budget_images": budget, "samples": n, "teacher_steps": teacher_steps, "guidance": list(guidance),
         "methods": list(methods), "seeds": list(seeds), "feature_space": space.label, "prompts": len(prompts),
-        "results": results,
+        "teacher_split_half_fd": floors, "results": results,
     })  # fmt: skip
     return results
+
+
+def _split_half_fd(feats: dict, space) -> float:
+    """FD between the even and the odd seeds of the teacher's samples (each half covers every prompt
+    equally): the finite-sample floor against which FD-to-teacher differences are read. The teacher's
+    own FD to itself is zero by construction and says nothing."""
+    from ..evaluation.fidelity import compute_metrics, reference_from_features
+
+    f = feats[space.distance_layer]
+    even, odd = {space.distance_layer: f[0::2]}, {space.distance_layer: f[1::2]}
+    return compute_metrics(["fid"], even, reference_from_features(odd, space, {}), space)["fd"]
 
 
 def _nchw(images: torch.Tensor) -> torch.Tensor:
@@ -191,10 +205,13 @@ def _class_grid(imgs: torch.Tensor, texts: list[str], classes: dict[str, int], o
     save_image_grid(x, out, nrow=per_class)
 
 
-def _print_tables(results: dict, console: Console, budget: int, n: int, seeds: int, space: str) -> None:
+def _print_tables(results: dict, floors: dict, console: Console, budget: int, n: int, seeds: int,
+                  space: str) -> None:  # fmt: skip
     for w, per_w in results.items():
         table = Table(title=f"w = {w}: {budget:,} training images per method, {n} samples per model, "
-                            f"{seeds} seed(s) (mean, sd over seeds); {space}")  # fmt: skip
+                            f"{seeds} seed(s) (mean, sd over seeds); {space}",
+                      caption=f"the teacher's FD to itself is 0 by construction; FD between its even and "
+                              f"odd seeds ({n // 2} each): {floors[w]:.4g}")  # fmt: skip
         table.add_column("model")
         for q in QUANTITIES:
             table.add_column(q, justify="right")
