@@ -270,8 +270,10 @@ def test_pinned_level_stops_the_mnist_students_drift(shared_data):
     """On the MNIST DDPM (level-blind, its denoiser biased to dark: tests/test_teachers.py) a
     Diff-Instruct student at lr_gen 1e-4 drifts darker every iteration; with method.pin_level its
     level stays put. Fresh training seed; the level is the mean output on 32 fresh latents, against
-    the initial generator. Measured over 28 seeds (20 iterations of 64): unpinned -0.34 to -1.73
-    (mean -1.3), pinned +0.02 to +0.10; the bounds below sit outside both ranges."""
+    the initial generator. Measured over 41 seeds (20 iterations of 64): unpinned -0.34 to -1.73
+    (mean -1.3), pinned +0.02 to +0.16 (mean +0.06, a small upward drift that varies with the seed;
+    the one CI failure of the 0.15 bound drew 0.16). The bounds sit outside both ranges with margin:
+    a pin that did nothing gives the unpinned value bit for bit (same seed) and fails the ratio."""
     from emdctl.recipe import read_yaml
 
     base = read_yaml(REPO / "recipes" / "mnist.yaml")
@@ -290,7 +292,7 @@ def test_pinned_level_stops_the_mnist_students_drift(shared_data):
             m.train_step(it)
         drift[pin] = float(m.generator(z, None).detach().mean()) - start
     assert drift[False] < -0.2, drift
-    assert abs(drift[True]) < min(0.15, 0.5 * abs(drift[False])), drift
+    assert abs(drift[True]) < min(0.3, 0.75 * abs(drift[False])), drift
 
 
 def test_runs_advise_when_pin_level_does_not_suit_the_teacher(shared_data, image_setup):
