@@ -203,3 +203,12 @@ def test_split_half_fd_against_a_constructed_shift():
     c = torch.randn(6, dtype=torch.float64)
     both = torch.stack([x, x + c], 1).reshape(600, 6)  # rows alternate: even = x, odd = x + c
     assert _split_half_fd({"f": both}, space) == pytest.approx(float(c @ c), rel=1e-6, abs=1e-8)
+
+
+def test_text_loop_refuses_methods_that_need_captioned_images_up_front(tmp_path):
+    """GDD, SiDA and DMD2 need real images with captions: refused before any teacher is trained."""
+    from emdctl.commands.demo_text import demo_text_loop
+
+    with pytest.raises(UserError, match="--methods: gdd, dmd2 train against real images"):
+        demo_text_loop(tmp_path / "absent.yaml", tmp_path, tmp_path / "loop", methods=("emd", "gdd", "dmd2"))
+    assert not (tmp_path / "loop").exists()

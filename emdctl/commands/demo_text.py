@@ -28,6 +28,7 @@ from .demo import LOOP_LABELS, _side_by_side, _variants, loop_inputs, save_initi
 from .distill import run_recipe
 
 QUANTITIES = ("adherence", "FD to teacher", "FD to real", "recall to real")
+REAL_DATA_METHODS = ("gdd", "sida", "dmd2")
 
 
 def demo_text_loop(
@@ -56,6 +57,12 @@ def demo_text_loop(
     from .sample import sample_command
 
     console = console or Console(stderr=True)
+    needs_images = [m for m in methods if m in REAL_DATA_METHODS]
+    if needs_images:  # refused before anything is trained or sampled
+        raise UserError(
+            f"--methods: {', '.join(needs_images)} train against real images with captions "
+            "(method.data.captions), which the text loop does not make; use emd, diff-instruct, sid, moment-matching"
+        )
     dev = resolve_device(device)
     out = Path(out)
     base = loop_inputs(out, data, distill_recipe)
