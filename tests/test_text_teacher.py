@@ -193,16 +193,18 @@ def test_text_loop_end_to_end_on_a_tiny_budget(shared_data, tmp_path):
 
 
 def test_split_half_fd_against_a_constructed_shift():
-    """Odd seeds = even seeds + c: equal covariances, so the FD is exactly |c|^2."""
+    """Halves are alternate rounds through P prompts; the second half = the first + c: equal
+    covariances, so the FD is exactly |c|^2."""
     from types import SimpleNamespace
 
     from emdctl.commands.demo_text import _split_half_fd
 
     space = SimpleNamespace(distance_layer="f", ident="test")
-    x = torch.randn(300, 6, dtype=torch.float64)
+    prompts = 7
+    x = torch.randn(30, prompts, 6, dtype=torch.float64)  # 30 rounds of 7 prompts
     c = torch.randn(6, dtype=torch.float64)
-    both = torch.stack([x, x + c], 1).reshape(600, 6)  # rows alternate: even = x, odd = x + c
-    assert _split_half_fd({"f": both}, space) == pytest.approx(float(c @ c), rel=1e-6, abs=1e-8)
+    rounds = torch.stack([x, x + c], 1).reshape(60 * prompts, 6)  # rounds alternate: x, x + c, x, ...
+    assert _split_half_fd({"f": rounds}, space, prompts) == pytest.approx(float(c @ c), rel=1e-6, abs=1e-8)
 
 
 def test_text_loop_refuses_methods_that_need_captioned_images_up_front(tmp_path):

@@ -141,7 +141,7 @@ def demo_text_loop(
     for w, rows in folders.items():
         teacher_feats = read(next(iter(rows.values()))[0])[2]
         ref_teacher = reference_from_features(teacher_feats, space, {})
-        floors[f"{w:g}"] = _split_half_fd(teacher_feats, space)
+        floors[f"{w:g}"] = _split_half_fd(teacher_feats, space, len(prompts))
         results[f"{w:g}"] = per_w = {}
         for label, paths in rows.items():
             per_seed = []
@@ -166,15 +166,18 @@ def demo_text_loop(
     return results
 
 
-def _split_half_fd(feats: dict, space) -> float:
-    """FD between the even and the odd seeds of the teacher's samples (each half covers every prompt
-    equally): the finite-sample floor against which FD-to-teacher differences are read. The teacher's
-    own FD to itself is zero by construction and says nothing."""
+def _split_half_fd(feats: dict, space, prompts: int) -> float:
+    """FD between two halves of the teacher's samples: the even and the odd rounds through the prompt
+    set (seed s has prompt s mod P, round s // P), so both halves hold every prompt equally often (a
+    split by seed parity would put different phrasings on each side). The finite-sample floor
+    against which FD-to-teacher differences are read; the teacher's own FD to itself is zero by
+    construction and says nothing."""
     from ..evaluation.fidelity import compute_metrics, reference_from_features
 
     f = feats[space.distance_layer]
-    even, odd = {space.distance_layer: f[0::2]}, {space.distance_layer: f[1::2]}
-    return compute_metrics(["fid"], even, reference_from_features(odd, space, {}), space)["fd"]
+    first = (torch.arange(len(f)) // prompts) % 2 == 0
+    a, b = {space.distance_layer: f[first]}, {space.distance_layer: f[~first]}
+    return compute_metrics(["fid"], a, reference_from_features(b, space, {}), space)["fd"]
 
 
 def _nchw(images: torch.Tensor) -> torch.Tensor:
@@ -217,8 +220,8 @@ def _print_tables(results: dict, floors: dict, console: Console, budget: int, n:
     for w, per_w in results.items():
         table = Table(title=f"w = {w}: {budget:,} training images per method, {n} samples per model, "
                             f"{seeds} seed(s) (mean, sd over seeds); {space}",
-                      caption=f"the teacher's FD to itself is 0 by construction; FD between its even and "
-                              f"odd seeds ({n // 2} each): {floors[w]:.4g}")  # fmt: skip
+                      caption=f"the teacher's FD to itself is 0 by construction; FD between two halves of its "
+                              f"samples (alternate rounds through the prompts): {floors[w]:.4g}")  # fmt: skip
         table.add_column("model")
         for q in QUANTITIES:
             table.add_column(q, justify="right")
