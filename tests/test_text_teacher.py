@@ -174,7 +174,7 @@ def test_text_loop_end_to_end_on_a_tiny_budget(shared_data, tmp_path):
     features = tmp_path / "f.safetensors"
     train_feature_net(shared_data / "mnist", features, epochs=1, max_images=1000, log=lambda m: None)
     results = demo_text_loop(distill, shared_data / "mnist", tmp_path / "loop", guidance=(1.0, 2.0),
-                             seeds=(0, 1), budget=16, n=40, teacher_steps=2, teacher_train=teacher_recipe,
+                             seeds=(0, 1), budget=16, n=80, teacher_steps=2, teacher_train=teacher_recipe,
                              features=features, device="cpu")  # fmt: skip
     assert set(results) == {"1", "2"}
     for w, per_w in results.items():
@@ -205,6 +205,7 @@ def test_split_half_fd_against_a_constructed_shift():
     c = torch.randn(6, dtype=torch.float64)
     rounds = torch.stack([x, x + c], 1).reshape(60 * prompts, 6)  # rounds alternate: x, x + c, x, ...
     assert _split_half_fd({"f": rounds}, space, prompts) == pytest.approx(float(c @ c), rel=1e-6, abs=1e-8)
+    assert _split_half_fd({"f": rounds[: 2 * prompts - 1]}, space, prompts) is None  # under two rounds: no split
 
 
 def test_text_loop_refuses_methods_that_need_captioned_images_up_front(tmp_path):

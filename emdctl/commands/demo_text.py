@@ -166,15 +166,17 @@ def demo_text_loop(
     return results
 
 
-def _split_half_fd(feats: dict, space, prompts: int) -> float:
+def _split_half_fd(feats: dict, space, prompts: int) -> float | None:
     """FD between two halves of the teacher's samples: the even and the odd rounds through the prompt
     set (seed s has prompt s mod P, round s // P), so both halves hold every prompt equally often (a
     split by seed parity would put different phrasings on each side). The finite-sample floor
     against which FD-to-teacher differences are read; the teacher's own FD to itself is zero by
-    construction and says nothing."""
+    construction and says nothing. None with fewer than two rounds (n < 2 P): no such split exists."""
     from ..evaluation.fidelity import compute_metrics, reference_from_features
 
     f = feats[space.distance_layer]
+    if len(f) < 2 * prompts:
+        return None
     first = (torch.arange(len(f)) // prompts) % 2 == 0
     a, b = {space.distance_layer: f[first]}, {space.distance_layer: f[~first]}
     return compute_metrics(["fid"], a, reference_from_features(b, space, {}), space)["fd"]
@@ -218,10 +220,11 @@ def _class_grid(imgs: torch.Tensor, texts: list[str], classes: dict[str, int], o
 def _print_tables(results: dict, floors: dict, console: Console, budget: int, n: int, seeds: int,
                   space: str) -> None:  # fmt: skip
     for w, per_w in results.items():
+        floor = f"{floors[w]:.4g}" if floors[w] is not None else "n/a (needs n >= 2 x prompts)"
         table = Table(title=f"w = {w}: {budget:,} training images per method, {n} samples per model, "
                             f"{seeds} seed(s) (mean, sd over seeds); {space}",
-                      caption=f"the teacher's FD to itself is 0 by construction; FD between two halves of its "
-                              f"samples (alternate rounds through the prompts): {floors[w]:.4g}")  # fmt: skip
+                      caption="the teacher's FD to itself is 0 by construction; FD between two halves of its "
+                              f"samples (alternate rounds through the prompts): {floor}")  # fmt: skip
         table.add_column("model")
         for q in QUANTITIES:
             table.add_column(q, justify="right")
