@@ -48,6 +48,9 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
+REAL_DATA_METHODS = ("sida", "dmd2", "gdd")  # the methods that train against real images (method.data)
+
+
 def _variants(base: dict, budget: int, steps: int, methods=("emd", "diff-instruct"), data: dict | None = None):
     """One recipe per method from the same base: the same teacher, generator, optimizer, batch,
     EMA and budget. EMD and Diff-Instruct share the base's method fields (noise levels, weighting:
@@ -73,7 +76,7 @@ def _variants(base: dict, budget: int, steps: int, methods=("emd", "diff-instruc
             r.get("fake_score", {}).pop("noise_levels", None)
             if name == "dmd2":
                 r.setdefault("fake_score", {}).setdefault("steps_per_iteration", 5)
-            if data is not None and name in ("sida", "dmd2", "gdd"):
+            if data is not None and name in REAL_DATA_METHODS:
                 r["method"]["data"] = copy.deepcopy(data)
         out[name] = r
     return out

@@ -24,11 +24,18 @@ from rich.table import Table
 from ..errors import UserError
 from ..recipe import parse_recipe
 from ..storage import atomic_write_json
-from .demo import LOOP_LABELS, _side_by_side, _variants, loop_inputs, save_initial_generator, train_teacher_first
+from .demo import (
+    LOOP_LABELS,
+    REAL_DATA_METHODS,
+    _side_by_side,
+    _variants,
+    loop_inputs,
+    save_initial_generator,
+    train_teacher_first,
+)
 from .distill import run_recipe
 
 QUANTITIES = ("adherence", "FD to teacher", "FD to real", "recall to real")
-REAL_DATA_METHODS = ("gdd", "sida", "dmd2")
 
 
 def demo_text_loop(
@@ -61,7 +68,8 @@ def demo_text_loop(
     if needs_images:  # refused before anything is trained or sampled
         raise UserError(
             f"--methods: {', '.join(needs_images)} train against real images with captions "
-            "(method.data.captions), which the text loop does not make; use emd, diff-instruct, sid, moment-matching"
+            "(method.data.captions), which the text loop does not make; use "
+            + ", ".join(m for m in LOOP_LABELS if m not in REAL_DATA_METHODS)
         )
     dev = resolve_device(device)
     out = Path(out)
